@@ -1,0 +1,57 @@
+"""Atomic file writes: write to a temporary file in the same folder, fsync, then `os.replace`.
+
+A reader (or a resumed run after SIGKILL) sees either the old file or the complete new one, never half of one.
+"""
+import io
+import os
+import tempfile
+
+from .errors import UserError
+
+
+def atomic_write_bytes(path, data: bytes):
+    """Write `data` to `path` atomically. Raises UserError if the folder cannot be written."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    except OSError as e:
+        raise UserError(f"cannot write to {folder}: {e.strerror}; choose a writable output folder") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise UserError(f"cannot write {path}: {e.strerror}; the previous file, if any, is untouched") from None
+
+
+def atomic_torch_save(obj, path):
+    """torch.save to memory, then write atomically (plain dicts of tensors and Python data only)."""
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def atomic_save_image(img, path):
+    """Save a PIL image atomically; the format follows the file extension."""
+    buf = io.BytesIO()
+    fmt = os.path.splitext(os.fspath(path))[1].lstrip(".").upper() or "PNG"
+    img.save(buf, format="JPEG" if fmt == "JPG" else fmt)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def check_output_dir(path):
+    """Refuse an output path that exists and is not a folder (a user's file must not be replaced)."""
+    path = os.fspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"output path {path} is a file, not a folder; pass a folder path with --out")
+    return path
