@@ -1,0 +1,212 @@
+"""Every hyperparameter, named once: dataclass configs, named presets, and the command-line flags made from them.
+
+A run is described by one `RunConfig` (data, model, diffusion, GAN and training sections). It is stored in each
+checkpoint as plain data (`to_dict`) and rebuilt with `from_dict`, so no Python classes are ever pickled.
+Flags are generated from the fields (`--base-channels`, `--attn-resolutions 16 8`, …); a flag the user passes
+overrides the preset, which overrides the dataclass default.
+"""
+import argparse
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Optional
+
+from .errors import UserError
+
+
+@dataclass
+class DataConfig:
+    dataset: str = field(default="cifar", metadata=dict(choices=("cifar", "folder", "shapes"),
+                                                         help="training data"))
+    data_dir: str = field(default="data", metadata=dict(help="where datasets live (CIFAR-10 is downloaded here)"))
+    classes: tuple = field(default=(), metadata=dict(flag="--class", nargs="+",
+                                                     help="CIFAR-10 class names or indices (default: all)"))
+    image_size: int = field(default=32, metadata=dict(help="training resolution (folders are resized/cropped)"))
+    flip: bool = field(default=True, metadata=dict(help="random horizontal flips"))
+
+
+@dataclass
+class UNetConfig:
+    base_channels: int = field(default=128, metadata=dict(help="channels at the first U-Net level"))
+    channel_mults: tuple = field(default=(1, 2, 2, 2), metadata=dict(nargs="+", type=int,
+                                                                     help="channel multiplier per level"))
+    num_res_blocks: int = field(default=2, metadata=dict(help="residual blocks per level"))
+    attn_resolutions: tuple = field(default=(16,), metadata=dict(nargs="*", type=int,
+                                                                 help="feature-map sizes with self-attention"))
+    num_heads: int = field(default=1, metadata=dict(help="attention heads"))
+    dropout: float = field(default=0.1, metadata=dict(help="dropout in residual blocks"))
+    scale_shift_norm: bool = field(default=False, metadata=dict(help="FiLM-style GroupNorm (Nichol & Dhariwal)"))
+
+
+@dataclass
+class DiffusionConfig:
+    timesteps: int = field(default=1000, metadata=dict(help="diffusion steps T"))
+    schedule: str = field(default="linear", metadata=dict(choices=("linear", "cosine", "sigmoid"),
+                                                          help="noise schedule"))
+    objective: str = field(default="eps", metadata=dict(choices=("eps", "x0", "v"), help="what the model predicts"))
+    learn_sigma: bool = field(default=False, metadata=dict(help="learn the variance (hybrid loss)"))
+    vlb_weight: float = field(default=0.001, metadata=dict(help="λ of L_simple + λ·L_vlb with --learn-sigma"))
+
+
+@dataclass
+class CondConfig:
+    conditional: bool = field(default=False, metadata=dict(help="condition on the class / label set"))
+    cond_drop: float = field(default=0.1, metadata=dict(help="probability of dropping the condition (for CFG)"))
+
+
+@dataclass
+class GANConfig:
+    z_dim: int = field(default=100, metadata=dict(help="DCGAN latent size"))
+    g_channels: int = field(default=64, metadata=dict(help="DCGAN generator width"))
+    d_channels: int = field(default=64, metadata=dict(help="DCGAN discriminator width"))
+    beta1: float = field(default=0.5, metadata=dict(help="Adam β1 for both GAN networks"))
+    label_smoothing: str = field(default="one", metadata=dict(choices=("none", "one", "two"),
+                                                              help="one: real=0.9; two: also fake=0.1"))
+    instance_noise: float = field(default=0.1, metadata=dict(help="std of noise on D's inputs at step 0"))
+    noise_anneal_steps: int = field(default=0, metadata=dict(
+        help="steps over which instance noise falls to 0 (0: half of --steps)"))
+
+
+@dataclass
+class TrainConfig:
+    steps: int = field(default=100_000, metadata=dict(help="optimizer steps in total"))
+    batch_size: int = field(default=128, metadata=dict(help="images per step (global batch under torchrun)"))
+    lr: float = field(default=2e-4, metadata=dict(help="learning rate"))
+    warmup: int = field(default=1000, metadata=dict(help="linear learning-rate warm-up steps"))
+    weight_decay: float = field(default=0.0, metadata=dict(help="AdamW weight decay"))
+    grad_clip: float = field(default=1.0, metadata=dict(help="gradient-norm clip (0: off)"))
+    ema_decay: float = field(default=0.9999, metadata=dict(help="EMA decay of the weights"))
+    ema_warmup: int = field(default=0, metadata=dict(help="EMA warm-up: decay min(decay, (1+s)/(10+s)) if > 0"))
+    seed: int = field(default=0, metadata=dict(help="seed for weights, data order and noise"))
+    compile: bool = field(default=False, metadata=dict(help="torch.compile the training step"))
+    log_every: int = field(default=50, metadata=dict(help="steps between progress lines"))
+    sample_every: int = field(default=2000, metadata=dict(help="steps between EMA sample grids"))
+    save_every: int = field(default=2000, metadata=dict(help="steps between checkpoints"))
+    grid_size: int = field(default=64, metadata=dict(help="images in each sample grid"))
+    grid_steps: int = field(default=100, metadata=dict(help="DDIM steps for the sample grids"))
+
+
+@dataclass
+class RunConfig:
+    model: str = "ddpm"  # "ddpm" or "dcgan"
+    preset: str = "small"
+    data: DataConfig = field(default_factory=DataConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    cond: CondConfig = field(default_factory=CondConfig)
+    gan: GANConfig = field(default_factory=GANConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        """Rebuild from plain data; unknown keys are an error (a checkpoint from a newer tinyddpm)."""
+        kwargs = {}
+        for f in fields(cls):
+            if f.name not in d:
+                continue
+            v = d[f.name]
+            if f.name in SECTIONS:
+                sub = type(getattr(cls(), f.name))
+                known = {g.name: g for g in fields(sub)}
+                unknown = set(v) - set(known)
+                if unknown:
+                    raise UserError(f"config section {f.name!r} has unknown fields {sorted(unknown)}; "
+                                    "this checkpoint was written by a newer tinyddpm")
+                v = sub(**{k: tuple(x) if isinstance(x, list) else x for k, x in v.items()})
+            kwargs[f.name] = v
+        return cls(**kwargs)
+
+
+SECTIONS = ("data", "unet", "diffusion", "cond", "gan", "train")
+
+# Named presets: only the fields that differ from the defaults above.
+PRESETS = {
+    # CPU smoke run: a few minutes on a laptop shows coloured blobs.
+    "tiny": dict(unet=dict(base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1, attn_resolutions=(),
+                           dropout=0.0),
+                 diffusion=dict(timesteps=1000),
+                 train=dict(steps=5000, batch_size=32, lr=1e-3, warmup=100, ema_decay=0.999, log_every=20,
+                            sample_every=500, save_every=500, grid_size=16, grid_steps=25)),
+    # A single-GPU model that trains in tens of minutes.
+    "small": dict(unet=dict(base_channels=64, channel_mults=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
+                            dropout=0.1),
+                  train=dict(steps=30_000, batch_size=128, lr=2e-4, warmup=500, ema_decay=0.9995)),
+    # Ho et al. (2020), CIFAR-10: 35.7 M parameters.
+    "ddpm-cifar": dict(unet=dict(base_channels=128, channel_mults=(1, 2, 2, 2), num_res_blocks=2,
+                                 attn_resolutions=(16,), dropout=0.1),
+                       train=dict(steps=800_000, batch_size=128, lr=2e-4, warmup=5000, ema_decay=0.9999)),
+}
+
+
+def default_preset(device_type):
+    """The preset a plain `train.py` picks: `tiny` on a CPU, `small` on a GPU."""
+    return "small" if device_type == "cuda" else "tiny"
+
+
+def _flag(f):
+    return f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+
+
+def add_config_flags(parser: argparse.ArgumentParser, sections=SECTIONS):
+    """One flag per config field, all defaulting to None so we can tell what the user set."""
+    for name in sections:
+        cls = type(getattr(RunConfig(), name))
+        group = parser.add_argument_group(name)
+        for f in fields(cls):
+            kw = dict(default=None, dest=f"{name}.{f.name}", help=f.metadata.get("help", ""))
+            if f.type is bool or isinstance(f.default, bool):
+                kw["action"] = argparse.BooleanOptionalAction
+            else:
+                if "nargs" in f.metadata:
+                    kw["nargs"] = f.metadata["nargs"]
+                    kw["type"] = f.metadata.get("type", str)
+                else:
+                    kw["type"] = type(f.default)
+                if "choices" in f.metadata:
+                    kw["choices"] = f.metadata["choices"]
+            group.add_argument(_flag(f), **kw)
+
+
+def user_overrides(args):
+    """{section: {field: value}} for the config flags the user actually passed."""
+    out = {}
+    for key, value in vars(args).items():
+        if "." in key and value is not None:
+            section, name = key.split(".", 1)
+            out.setdefault(section, {})[name] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
+def build_config(preset: str, overrides: dict, model: str = "ddpm") -> RunConfig:
+    """Defaults ← preset ← user flags."""
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    d = RunConfig(model=model, preset=preset).to_dict()
+    for layer in (PRESETS[preset], overrides):
+        for section, values in layer.items():
+            d[section].update(values)
+    return RunConfig.from_dict(d)
+
+
+# Fields a resumed run may change without mixing two different runs (longer training, other logging cadence).
+RESUMABLE_FIELDS = {("train", "steps"), ("train", "log_every"), ("train", "sample_every"), ("train", "save_every"),
+                    ("train", "grid_size"), ("train", "grid_steps"), ("train", "compile"), ("data", "data_dir")}
+
+
+def config_differences(a: dict, b: dict):
+    """Fields (section.name) that differ between two config dicts, ignoring RESUMABLE_FIELDS."""
+    diffs = []
+    for section in set(a) | set(b):
+        va, vb = a.get(section), b.get(section)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            for k in set(va) | set(vb):
+                x, y = va.get(k), vb.get(k)
+                x = list(x) if isinstance(x, tuple) else x
+                y = list(y) if isinstance(y, tuple) else y
+                if x != y and (section, k) not in RESUMABLE_FIELDS:
+                    diffs.append(f"{section}.{k}: {x!r} vs {y!r}")
+        elif va != vb and section != "preset":
+            diffs.append(f"{section}: {va!r} vs {vb!r}")
+    return sorted(diffs)
