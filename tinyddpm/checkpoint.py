@@ -1,0 +1,58 @@
+"""Checkpoints: a plain dict, written atomically, loaded with `weights_only=True`.
+
+    {"format": "tinyddpm", "version": 1, "kind": "ddpm" | "dcgan", "config": RunConfig.to_dict(),
+     "labels": {"kind": "none" | "class" | "multilabel", "names": [...]}, "step": int,
+     "models": {name: state_dict}, "optimizers": {name: state_dict}, "rng": {...}, "sampler": {...}}
+
+Nothing in it is a Python class, so `torch.load(weights_only=True)` reads it and a crafted file cannot run code.
+"""
+import os
+import pickle
+import zipfile
+
+import torch
+
+from .config import RunConfig
+from .errors import UserError
+from .files import atomic_torch_save
+
+FORMAT = "tinyddpm"
+FORMAT_VERSION = 1
+MODEL_KINDS = ("ddpm", "dcgan")
+CKPT_NAME = "ckpt.pt"
+
+
+def save_checkpoint(path, state: dict):
+    """Add the format header and write atomically (temp file + os.replace)."""
+    atomic_torch_save({"format": FORMAT, "version": FORMAT_VERSION, **state}, path)
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """Read and validate a checkpoint; every way it can be wrong is one UserError line."""
+    path = os.fspath(path)
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, CKPT_NAME)):
+        path = os.path.join(path, CKPT_NAME)
+    if not os.path.exists(path):
+        raise UserError(f"checkpoint {path} does not exist; pass the ckpt.pt of a training run (runs/<name>/ckpt.pt)")
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a folder without {CKPT_NAME}; pass the checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        # weights_only refuses any global it does not know: a crafted file that would run code lands here.
+        first = str(e).strip().splitlines()[-1][:160] if str(e).strip() else ""
+        raise UserError(f"refused to load {path}: it holds Python objects that safe loading does not allow "
+                        f"({first}); only load checkpoints you trust, and only tinyddpm's plain-dict format") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise UserError(f"cannot read checkpoint {path}: it is truncated or not a PyTorch file "
+                        f"({e.__class__.__name__}); use a complete ckpt.pt") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise UserError(f"{path} is not a tinyddpm checkpoint; pass a ckpt.pt written by train.py")
+    version = ckpt.get("version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise UserError(f"{path} has checkpoint format version {version}, newer than this tinyddpm "
+                        f"(reads ≤ {FORMAT_VERSION}); upgrade tinyddpm")
+    if ckpt.get("kind") not in MODEL_KINDS:
+        raise UserError(f"{path} holds a model of kind {ckpt.get('kind')!r}; this tinyddpm knows {MODEL_KINDS}")
+    ckpt["run_config"] = RunConfig.from_dict(ckpt["config"])
+    return ckpt

@@ -1,0 +1,199 @@
+"""Gaussian diffusion (Ho et al. 2020) with the improvements of Nichol & Dhariwal (2021).
+
+The object holds only the schedule; the network is passed to each call as `model_fn(x_t, t) -> output`, so the same
+diffusion serves the raw model, its EMA copy, or a guided wrapper.
+
+Shapes: x0, x_t, noise [B, C, H, W]; t [B] long, each image its own timestep in 0 … T−1. The model output is
+[B, C, H, W], or [B, 2C, H, W] with a learned variance (second half: interpolation weight v ∈ [−1, 1]).
+"""
+import math
+
+import numpy as np
+import torch
+
+from .schedules import get_betas
+
+LOG2 = math.log(2.0)
+
+
+class GaussianDiffusion:
+    def __init__(self, betas: np.ndarray, objective: str = "eps", learn_sigma: bool = False, vlb_weight: float = 1e-3):
+        assert objective in ("eps", "x0", "v"), objective
+        self.objective, self.learn_sigma, self.vlb_weight = objective, learn_sigma, vlb_weight
+        betas = np.asarray(betas, dtype=np.float64)
+        self.num_timesteps = T = len(betas)
+        alphas = 1.0 - betas
+        ab = np.cumprod(alphas)
+        ab_prev = np.append(1.0, ab[:-1])
+        # Posterior q(x_{t-1} | x_t, x0) = N(c0·x0 + ct·x_t, var). At t = 0 the variance is 0; its log is clipped
+        # to the value at t = 1 so the log stays finite (Nichol & Dhariwal).
+        post_var = betas * (1.0 - ab_prev) / (1.0 - ab)
+        arrays = dict(
+            betas=betas, alphas_cumprod=ab, alphas_cumprod_prev=ab_prev,
+            sqrt_ab=np.sqrt(ab), sqrt_1m_ab=np.sqrt(1.0 - ab),
+            sqrt_recip_ab=np.sqrt(1.0 / ab), sqrt_recipm1_ab=np.sqrt(1.0 / ab - 1.0),
+            post_var=post_var,
+            post_log_var_clipped=np.log(np.append(post_var[1], post_var[1:])) if T > 1 else np.log(betas),
+            post_c0=betas * np.sqrt(ab_prev) / (1.0 - ab),
+            post_ct=(1.0 - ab_prev) * np.sqrt(alphas) / (1.0 - ab),
+            log_betas=np.log(betas),
+        )
+        # float64 master copies (exact, for tests and the schedule) and float32 copies per device for the maths.
+        self.np = arrays
+        self._buffers = {}
+
+    @classmethod
+    def from_config(cls, dcfg):
+        return cls(get_betas(dcfg.schedule, dcfg.timesteps), dcfg.objective, dcfg.learn_sigma, dcfg.vlb_weight)
+
+    def _get(self, name, t, x):
+        """Schedule value `name` at timesteps t [B], shaped [B, 1, 1, 1] to broadcast against x."""
+        key = (name, x.device)
+        if key not in self._buffers:
+            self._buffers[key] = torch.tensor(self.np[name], dtype=torch.float32, device=x.device)
+        return self._buffers[key][t].view(-1, *([1] * (x.dim() - 1)))
+
+    # --- forward process and parameterisations --------------------------------------------------------------
+    def q_sample(self, x0, t, noise):
+        """x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε."""
+        return self._get("sqrt_ab", t, x0) * x0 + self._get("sqrt_1m_ab", t, x0) * noise
+
+    def x0_from_eps(self, x_t, t, eps):
+        return self._get("sqrt_recip_ab", t, x_t) * x_t - self._get("sqrt_recipm1_ab", t, x_t) * eps
+
+    def eps_from_x0(self, x_t, t, x0):
+        return (self._get("sqrt_recip_ab", t, x_t) * x_t - x0) / self._get("sqrt_recipm1_ab", t, x_t)
+
+    def v_from(self, x0, t, eps):
+        """v = √ᾱ ε − √(1−ᾱ) x0 (Salimans & Ho 2022)."""
+        return self._get("sqrt_ab", t, x0) * eps - self._get("sqrt_1m_ab", t, x0) * x0
+
+    def x0_from_v(self, x_t, t, v):
+        return self._get("sqrt_ab", t, x_t) * x_t - self._get("sqrt_1m_ab", t, x_t) * v
+
+    def q_posterior(self, x0, x_t, t):
+        """Mean, variance and clipped log variance of q(x_{t-1} | x_t, x0)."""
+        mean = self._get("post_c0", t, x_t) * x0 + self._get("post_ct", t, x_t) * x_t
+        return mean, self._get("post_var", t, x_t), self._get("post_log_var_clipped", t, x_t)
+
+    # --- the reverse process ----------------------------------------------------------------------------------
+    def split_output(self, out, x_t):
+        """Model output → (mean part [B, C, ...], variance part or None)."""
+        if self.learn_sigma:
+            return out[:, : x_t.shape[1]], out[:, x_t.shape[1]:]
+        return out, None
+
+    def predict_x0_eps(self, mean_out, x_t, t, clip_x0=False):
+        """From the mean part of the output, the predicted x0 and ε (x0 optionally clipped to [−1, 1])."""
+        if self.objective == "eps":
+            x0 = self.x0_from_eps(x_t, t, mean_out)
+        elif self.objective == "x0":
+            x0 = mean_out
+        else:
+            x0 = self.x0_from_v(x_t, t, mean_out)
+        if clip_x0:
+            x0 = x0.clamp(-1.0, 1.0)
+        # ε recomputed from the (possibly clipped) x0 keeps DDIM consistent with the clipping.
+        eps = mean_out if (self.objective == "eps" and not clip_x0) else self.eps_from_x0(x_t, t, x0)
+        return x0, eps
+
+    def model_log_variance(self, var_out, x_t, t):
+        """Learned: interpolate between log β_t and the clipped posterior log variance (Nichol & Dhariwal eq. 15).
+        Fixed: the posterior variance ("fixed small")."""
+        min_log = self._get("post_log_var_clipped", t, x_t)
+        if var_out is None:
+            return min_log.expand_as(x_t)
+        max_log = self._get("log_betas", t, x_t)
+        frac = (var_out + 1.0) / 2.0
+        return frac * max_log + (1.0 - frac) * min_log
+
+    def p_mean_variance(self, out, x_t, t, clip_x0=True):
+        """Parameters of p(x_{t-1} | x_t) from a model output: dict(mean, log_var, x0, eps)."""
+        mean_out, var_out = self.split_output(out, x_t)
+        x0, eps = self.predict_x0_eps(mean_out, x_t, t, clip_x0)
+        mean, _, _ = self.q_posterior(x0, x_t, t)
+        return dict(mean=mean, log_var=self.model_log_variance(var_out, x_t, t), x0=x0, eps=eps)
+
+    # --- training ---------------------------------------------------------------------------------------------
+    def sample_timesteps(self, batch, device, generator=None):
+        """One uniformly drawn timestep per image (never one t for the whole batch)."""
+        return torch.randint(0, self.num_timesteps, (batch,), device=device, generator=generator)
+
+    def training_losses(self, model_fn, x0, t, noise):
+        """Per-image losses [B]: L_simple (MSE on the objective's target), plus λ·T·L_t with a learned variance.
+
+        Hybrid loss (Nichol & Dhariwal): the VLB term sees the mean with a stop-gradient, so it trains only the
+        variance. L_vlb = Σ_t L_t = T·E_t[L_t]; λ·L_vlb is therefore λ·T·L_t per sampled t (as improved-diffusion).
+        """
+        x_t = self.q_sample(x0, t, noise)
+        out = model_fn(x_t, t)
+        mean_out, var_out = self.split_output(out, x_t)
+        target = {"eps": noise, "x0": x0, "v": self.v_from(x0, t, noise)}[self.objective]
+        mse = (mean_out.float() - target).pow(2).mean(dim=tuple(range(1, x0.dim())))
+        terms = dict(mse=mse, loss=mse)
+        if self.learn_sigma:
+            frozen = torch.cat([mean_out.detach(), var_out], dim=1).float()
+            vlb = self.vlb_term(frozen, x0, x_t, t)
+            terms["vlb"] = vlb
+            terms["loss"] = mse + self.vlb_weight * self.num_timesteps * vlb
+        return terms
+
+    # --- the variational bound (bits per dimension) -------------------------------------------------------------
+    def vlb_term(self, out, x0, x_t, t):
+        """L_t in bits/dim per image [B]: KL(q(x_{t-1}|x_t,x0) ‖ p(x_{t-1}|x_t)) for t > 0, and the discretised
+        Gaussian decoder NLL −log p(x0 | x_1) at t = 0."""
+        true_mean, _, true_log_var = self.q_posterior(x0, x_t, t)
+        p = self.p_mean_variance(out, x_t, t, clip_x0=False)
+        dims = tuple(range(1, x0.dim()))
+        kl = normal_kl(true_mean, true_log_var, p["mean"], p["log_var"]).mean(dim=dims) / LOG2
+        nll = -discretized_gaussian_log_likelihood(x0, p["mean"], 0.5 * p["log_var"]).mean(dim=dims) / LOG2
+        return torch.where(t == 0, nll, kl)
+
+    def prior_bpd(self, x0):
+        """KL(q(x_T | x0) ‖ N(0, I)) in bits/dim per image [B]: the (constant-in-θ) prior term."""
+        t = torch.full((x0.shape[0],), self.num_timesteps - 1, device=x0.device, dtype=torch.long)
+        mean = self._get("sqrt_ab", t, x0) * x0
+        log_var = torch.log(1.0 - self._get("alphas_cumprod", t, x0)).expand_as(x0)
+        return normal_kl(mean, log_var, torch.zeros_like(x0), torch.zeros_like(x0)).mean(dim=(1, 2, 3)) / LOG2
+
+    @torch.no_grad()
+    def bits_per_dim(self, model_fn, x0, generator=None):
+        """The full VLB in bits/dim per image [B]: Σ_t L_t + L_prior, one model call per timestep (T calls)."""
+        total = self.prior_bpd(x0)
+        for step in reversed(range(self.num_timesteps)):
+            t = torch.full((x0.shape[0],), step, device=x0.device, dtype=torch.long)
+            # Noise from `generator` (a CPU generator keeps the estimate reproducible on any device).
+            noise = torch.randn(x0.shape, generator=generator,
+                                device=generator.device if generator is not None else x0.device).to(x0.device)
+            x_t = self.q_sample(x0, t, noise)
+            total = total + self.vlb_term(model_fn(x_t, t).float(), x0, x_t, t)
+        return total
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """KL(N(mean1, e^logvar1) ‖ N(mean2, e^logvar2)) elementwise, in nats."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def approx_standard_normal_cdf(x):
+    # The tanh approximation of Φ used by Ho et al. and improved-diffusion (kept so bits/dim match their numbers).
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+
+
+PIXEL_BIN = 1.0 / 255.0   # half-width of one 8-bit level in [−1, 1] is 1/255
+EDGE = 0.999              # x0 values beyond ±EDGE are the extreme bins, which take the whole tail
+LOG_MIN = 1e-12
+
+
+def discretized_gaussian_log_likelihood(x, means, log_scales):
+    """log p(x) of 8-bit data x ∈ [−1, 1] under N(means, e^{2·log_scales}) integrated over each pixel's bin."""
+    centered = x - means
+    inv_stdv = torch.exp(-log_scales)
+    cdf_plus = approx_standard_normal_cdf(inv_stdv * (centered + PIXEL_BIN))
+    cdf_min = approx_standard_normal_cdf(inv_stdv * (centered - PIXEL_BIN))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=LOG_MIN))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=LOG_MIN))
+    log_probs = torch.where(
+        x < -EDGE, log_cdf_plus,
+        torch.where(x > EDGE, log_one_minus_cdf_min, torch.log((cdf_plus - cdf_min).clamp(min=LOG_MIN))))
+    return log_probs

@@ -1,0 +1,31 @@
+"""Building networks from a RunConfig and the label description, so a checkpoint alone rebuilds its model."""
+from .diffusion import GaussianDiffusion
+
+IMAGE_CHANNELS = 3
+
+
+def no_labels():
+    return {"kind": "none", "names": []}
+
+
+def build_unet(cfg, labels):
+    """The diffusion U-Net; 2C output channels when the variance is learned."""
+    from .unet import UNet
+
+    out = IMAGE_CHANNELS * (2 if cfg.diffusion.learn_sigma else 1)
+    return UNet(cfg.unet, cfg.data.image_size, IMAGE_CHANNELS, out, labels["kind"], len(labels["names"]))
+
+
+def build_gan(cfg, labels):
+    """(Generator, Discriminator) for a DCGAN run."""
+    from .dcgan import Discriminator, Generator, init_weights
+
+    args = (cfg.gan, cfg.data.image_size, IMAGE_CHANNELS, labels["kind"], len(labels["names"]))
+    g, d = Generator(*args), Discriminator(*args)
+    g.apply(init_weights)
+    d.apply(init_weights)
+    return g, d
+
+
+def build_diffusion(cfg):
+    return GaussianDiffusion.from_config(cfg.diffusion)
