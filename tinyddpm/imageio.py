@@ -47,7 +47,7 @@ def load_rgb(path):
             return im.convert("RGB")
     except FileNotFoundError:
         raise UserError(f"{path} does not exist; check the path") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as e:
         raise UserError(f"cannot read image {path} ({e.__class__.__name__}); remove or replace the file") from None
 
 
