@@ -35,6 +35,7 @@ def build_parser():
     p.add_argument("--cfg-scale", type=float, default=None,
                    help="classifier-free guidance w: 1 = plain conditional (default), 0 = unconditional, >1 stronger")
     p.add_argument("--bpd", action="store_true", help="report the VLB in bits/dim on --n test images instead")
+    # [modes] other modes add their flags here: fusion/interpolation, quality report, conditional evaluation.
     return p
 
 
@@ -74,6 +75,7 @@ def main(argv=None):
     check_args(args, gen)
     if args.bpd:
         return report_bpd(gen, args)
+    # [dispatch] other modes run here, each `return module.run(args, gen)`.
     cond = gen.parse_condition(args.classes, args.labels, args.n)
     seeds = list(range(args.seed, args.seed + args.n))
     kw = {}

@@ -22,6 +22,7 @@ class DataConfig:
                                                      help="CIFAR-10 class names or indices (default: all)"))
     image_size: int = field(default=32, metadata=dict(help="training resolution (folders are resized/cropped)"))
     flip: bool = field(default=True, metadata=dict(help="random horizontal flips"))
+    shapes_count: int = field(default=20_000, metadata=dict(help="scenes rendered for --dataset shapes (train)"))
 
 
 @dataclass
@@ -124,7 +125,7 @@ SECTIONS = ("data", "unet", "diffusion", "cond", "gan", "train")
 # Named presets: only the fields that differ from the defaults above.
 PRESETS = {
     # CPU smoke run: a few minutes on a laptop shows coloured blobs.
-    "tiny": dict(unet=dict(base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1, attn_resolutions=(),
+    "tiny": dict(unet=dict(base_channels=32, channel_mults=(1, 1, 2), num_res_blocks=1, attn_resolutions=(),
                            dropout=0.0),
                  diffusion=dict(timesteps=1000),
                  train=dict(steps=5000, batch_size=32, lr=1e-3, warmup=100, ema_decay=0.999, log_every=20,

@@ -205,6 +205,10 @@ def load_image_folder(folder, image_size):
 
 
 # ------------------------------------------------------------------------------------------------- entry point
+SHAPES_SEED = {"train": 0, "test": 1}  # the rendered sets are fixed, so runs are comparable
+SHAPES_TEST_FRACTION = 10             # the test split has a tenth as many scenes as the train split
+
+
 def load_dataset(data_cfg, split="train", download=True):
     """(images uint8 [N, 3, S, S], labels int64 [N] or None, label names or None) for a DataConfig."""
     if data_cfg.dataset == "cifar":
@@ -221,7 +225,13 @@ def load_dataset(data_cfg, split="train", download=True):
             raise UserError("--class only applies to --dataset cifar; a folder dataset has no classes")
         images, labels, names = load_image_folder(data_cfg.data_dir, data_cfg.image_size), None, None
     elif data_cfg.dataset == "shapes":
-        raise UserError("--dataset shapes is not available yet; use --dataset cifar or --dataset folder")
+        from . import shapes  # rendered in-process from a fixed seed: nothing to download
+
+        if data_cfg.classes:
+            raise UserError("--class only applies to --dataset cifar; shapes scenes are labelled by --labels")
+        count = data_cfg.shapes_count if split == "train" else max(1, data_cfg.shapes_count // SHAPES_TEST_FRACTION)
+        images, multi_hot = shapes.make_dataset(split, count, data_cfg.image_size, seed=SHAPES_SEED[split])
+        labels, names = torch.from_numpy(multi_hot).float(), list(shapes.VOCAB)
     else:
         raise UserError(f"unknown dataset {data_cfg.dataset!r}; choose cifar, folder or shapes")
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels, names

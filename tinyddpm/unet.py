@@ -1,0 +1,236 @@
+"""The DDPM U-Net (Ho et al. 2020) with the options of Nichol & Dhariwal (2021).
+
+    x [B,C,H,W] ─conv─┬─ Res(+Attn) ×N ─ Down ─ … ─ Mid (Res, Attn, Res) ─ … ─ Up ─ Res(+Attn) ×(N+1) ─ out ─►
+                      └─ every down-path output is concatenated onto one up-path block (skip connections) ─┘
+    t [B] ─ sinusoid ─ MLP ─(+ condition embedding)─► added (or scale/shift) in every ResBlock
+
+The `ddpm-cifar` preset (128 channels, mults (1, 2, 2, 2), 2 blocks, attention at 16 px) has 35.7 M parameters:
+the CIFAR-10 network of the paper, and the same as diffusers' UNet2DModel at block_out_channels (128, 256, 256, 256).
+The middle block always has attention, as in the paper, improved-diffusion and diffusers; `attn_resolutions` adds it
+to the down/up levels whose feature maps have that size.
+
+Initialisation follows improved-diffusion: the last conv of every residual branch, every attention output projection
+and the final conv start at zero, so each block starts as the identity and the untrained model outputs exactly 0.
+
+GPU notes: no data-dependent Python control flow in `forward` (torch.compile traces it without graph breaks); the
+condition is dropped with `torch.where`, not by indexing; attention works on [B, HW, C] tokens, which is a free view
+of a channels_last tensor, and uses F.scaled_dot_product_attention (flash / memory-efficient kernels on CUDA).
+GroupNorm + SiLU is fused by torch.compile; eager mode uses the plain ops.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import UNetConfig
+from .errors import UserError
+
+NORM_GROUPS = 32  # GroupNorm groups, as in the paper
+TIME_EMBED_MULT = 4  # time-embedding width = 4 × base channels
+MAX_PERIOD = 10_000  # longest wavelength of the sinusoidal timestep embedding (as in Transformers)
+COND_KINDS = ("none", "class", "multilabel")
+
+
+def timestep_embedding(t, dim):
+    """Sinusoidal embedding of (integer or float) timesteps: t [B] → [B, dim] = [cos(t·f), sin(t·f)]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(MAX_PERIOD) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]  # [B, half]; float32 even under autocast: t goes up to ~1000
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
+def zero_(module):
+    """Zero a layer's weights and bias, so a residual branch starts as 0 (improved-diffusion)."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+def norm(channels):
+    return nn.GroupNorm(NORM_GROUPS, channels)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv, add the embedding, GroupNorm-SiLU-dropout-conv, plus a (1×1 conv) skip.
+
+    With scale_shift_norm the embedding gives a per-channel (scale, shift) applied after the second GroupNorm:
+    h = norm(h)·(1 + scale) + shift (Nichol & Dhariwal); otherwise it is added to h before that norm (Ho et al.).
+    """
+
+    def __init__(self, in_ch, out_ch, emb_dim, dropout, scale_shift_norm):
+        super().__init__()
+        self.scale_shift_norm = scale_shift_norm
+        self.norm1 = norm(in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb_proj = nn.Linear(emb_dim, 2 * out_ch if scale_shift_norm else out_ch)
+        self.norm2 = norm(out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = zero_(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.skip = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
+
+    def forward(self, x, emb):  # x [B, in_ch, H, W], emb [B, emb_dim] → [B, out_ch, H, W]
+        h = self.conv1(F.silu(self.norm1(x)))
+        e = self.emb_proj(F.silu(emb))[:, :, None, None]  # [B, out_ch or 2·out_ch, 1, 1]
+        if self.scale_shift_norm:
+            scale, shift = e.chunk(2, dim=1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + e)
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over the H·W positions, with a residual connection."""
+
+    def __init__(self, channels, num_heads):
+        super().__init__()
+        if channels % num_heads:
+            raise UserError(f"--num-heads {num_heads} does not divide the {channels} channels of an attention "
+                            "layer; pick a divisor")
+        self.num_heads = num_heads
+        self.norm = norm(channels)
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.proj = zero_(nn.Linear(channels, channels))
+
+    def forward(self, x):  # x [B, C, H, W] → same
+        B, C, H, W = x.shape
+        tokens = self.norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C)  # a free view when x is channels_last
+        qkv = self.qkv(tokens).view(B, H * W, 3, self.num_heads, C // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, HW, C/heads]
+        h = F.scaled_dot_product_attention(q, k, v)  # [B, heads, HW, C/heads]
+        h = self.proj(h.transpose(1, 2).reshape(B, H * W, C))
+        return x + h.view(B, H, W, C).permute(0, 3, 1, 2)  # back to [B, C, H, W] (channels_last strides)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x):  # [B, C, H, W] → [B, C, H/2, W/2]
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):  # [B, C, H, W] → [B, C, 2H, 2W]
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class Block(nn.Module):
+    """One ResBlock, optionally followed by attention: the unit of both the down and the up path."""
+
+    def __init__(self, in_ch, out_ch, emb_dim, cfg: UNetConfig, attn: bool):
+        super().__init__()
+        self.res = ResBlock(in_ch, out_ch, emb_dim, cfg.dropout, cfg.scale_shift_norm)
+        self.attn = Attention(out_ch, cfg.num_heads) if attn else nn.Identity()
+
+    def forward(self, x, emb):
+        return self.attn(self.res(x, emb))
+
+
+class UNet(nn.Module):
+    """Predicts noise (or x0 / v; 2× channels with a learned variance) from x_t, t and an optional condition.
+
+    cond_kind "class": `cond` is a LongTensor [B] of class indices; row `num_cond` of the embedding is the learned
+    "no condition". cond_kind "multilabel": `cond` is a multi-hot float [B, num_cond] through a Linear layer, with a
+    learned "no condition" vector. `drop` (bool [B]) replaces the condition by the null where True (classifier-free
+    guidance training); `cond=None` on a conditional model means every condition is dropped.
+    """
+
+    def __init__(self, cfg: UNetConfig, image_size: int, in_channels: int = 3, out_channels: int = 3,
+                 cond_kind: str = "none", num_cond: int = 0):
+        super().__init__()
+        ch, levels = cfg.base_channels, len(cfg.channel_mults)
+        widths = [ch * m for m in cfg.channel_mults]
+        if any(w % NORM_GROUPS for w in widths):
+            raise UserError(f"channel widths {widths} must be multiples of {NORM_GROUPS} (GroupNorm groups); "
+                            "change --base-channels or --channel-mults")
+        if image_size % 2 ** (levels - 1):
+            raise UserError(f"image size {image_size} cannot be halved {levels - 1} times; use a multiple of "
+                            f"{2 ** (levels - 1)} or fewer --channel-mults")
+        sizes = [image_size // 2 ** i for i in range(levels)]
+        if set(cfg.attn_resolutions) - set(sizes):
+            raise UserError(f"--attn-resolutions {list(cfg.attn_resolutions)} must be among the feature-map sizes "
+                            f"{sizes} of a {image_size}px model")
+        if cond_kind not in COND_KINDS:
+            raise UserError(f"unknown condition kind {cond_kind!r}; choose one of {', '.join(COND_KINDS)}")
+        if cond_kind != "none" and num_cond < 1:
+            raise UserError(f"a {cond_kind!r}-conditional model needs num_cond ≥ 1 (got {num_cond})")
+        self.cfg, self.image_size, self.cond_kind, self.num_cond = cfg, image_size, cond_kind, num_cond
+        emb_dim = TIME_EMBED_MULT * ch
+
+        self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if cond_kind == "class":
+            self.cond_emb = nn.Embedding(num_cond + 1, emb_dim)  # last row: the learned "no condition"
+        elif cond_kind == "multilabel":
+            self.cond_emb = nn.Linear(num_cond, emb_dim)
+            self.null_emb = nn.Parameter(torch.randn(emb_dim) * 0.02)
+
+        # Down path: remember every output's width; each is concatenated onto one up-path block.
+        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        skip_widths, w = [ch], ch
+        for i, (width, size) in enumerate(zip(widths, sizes)):
+            for _ in range(cfg.num_res_blocks):
+                self.down.append(Block(w, width, emb_dim, cfg, attn=size in cfg.attn_resolutions))
+                w = width
+                skip_widths.append(w)
+            if i < levels - 1:
+                self.down.append(Downsample(w))
+                skip_widths.append(w)
+
+        self.mid = nn.ModuleList([Block(w, w, emb_dim, cfg, attn=True), Block(w, w, emb_dim, cfg, attn=False)])
+
+        # Up path: num_res_blocks + 1 blocks per level (one per skip), then upsample (except at the top level).
+        self.up = nn.ModuleList()
+        for i in reversed(range(levels)):
+            for _ in range(cfg.num_res_blocks + 1):
+                self.up.append(Block(w + skip_widths.pop(), widths[i], emb_dim, cfg,
+                                     attn=sizes[i] in cfg.attn_resolutions))
+                w = widths[i]
+            if i > 0:
+                self.up.append(Upsample(w))
+
+        self.out = nn.Sequential(norm(w), nn.SiLU(), zero_(nn.Conv2d(w, out_channels, 3, padding=1)))
+
+    def embed(self, t, cond, drop):
+        """Time embedding plus condition embedding: [B, emb_dim]."""
+        emb = self.time_mlp(timestep_embedding(t, self.cfg.base_channels))
+        if self.cond_kind == "none":
+            if cond is not None:
+                raise ValueError("this U-Net is unconditional (cond_kind='none') but a condition was passed")
+            return emb
+        B = t.shape[0]
+        if self.cond_kind == "class":
+            null = torch.full((B,), self.num_cond, dtype=torch.long, device=t.device)
+            idx = null if cond is None else (cond if drop is None else torch.where(drop, null, cond))
+            return emb + self.cond_emb(idx)
+        null = self.null_emb.to(emb.dtype).expand(B, -1)
+        if cond is None:
+            return emb + null
+        c = self.cond_emb(cond.to(self.cond_emb.weight.dtype))
+        return emb + (c if drop is None else torch.where(drop[:, None], null.to(c.dtype), c))
+
+    def forward(self, x, t, cond=None, drop=None):
+        """x [B, C, H, W], t [B] → [B, out_channels, H, W]."""
+        emb = self.embed(t, cond, drop)
+        h = self.conv_in(x)
+        skips = [h]
+        for layer in self.down:
+            h = layer(h) if isinstance(layer, Downsample) else layer(h, emb)
+            skips.append(h)
+        for block in self.mid:
+            h = block(h, emb)
+        for layer in self.up:
+            h = layer(h) if isinstance(layer, Upsample) else layer(torch.cat([h, skips.pop()], dim=1), emb)
+        return self.out(h)
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())
