@@ -76,7 +76,8 @@ class TrainConfig:
     weight_decay: float = field(default=0.0, metadata=dict(help="AdamW weight decay"))
     grad_clip: float = field(default=1.0, metadata=dict(help="gradient-norm clip (0: off)"))
     ema_decay: float = field(default=0.9999, metadata=dict(help="EMA decay of the weights"))
-    ema_warmup: int = field(default=0, metadata=dict(help="EMA warm-up: decay min(decay, (1+s)/(10+s)) if > 0"))
+    ema_warmup: bool = field(default=True, metadata=dict(
+        help="EMA warm-up: decay min(decay, (1+s)/(10+s)), so early samples are not dominated by the init"))
     seed: int = field(default=0, metadata=dict(help="seed for weights, data order and noise"))
     compile: bool = field(default=False, metadata=dict(help="torch.compile the training step"))
     log_every: int = field(default=50, metadata=dict(help="steps between progress lines"))

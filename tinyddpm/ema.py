@@ -9,13 +9,13 @@ import torch
 
 
 class EMA:
-    def __init__(self, model: torch.nn.Module, decay: float, warmup: int = 0):
+    def __init__(self, model: torch.nn.Module, decay: float, warmup: bool = True):
         self.decay, self.warmup = decay, warmup
         self.model = copy.deepcopy(model).float().eval().requires_grad_(False)
 
     def current_decay(self, step: int) -> float:
         """With warm-up, min(decay, (1 + s)/(10 + s)): early weights are forgotten quickly (as in TF's EMA)."""
-        if self.warmup <= 0:
+        if not self.warmup:
             return self.decay
         return min(self.decay, (1.0 + step) / (10.0 + step))
 
