@@ -1,0 +1,185 @@
+"""The DCGAN training loop: the same run folder, progress lines, EMA and exact resume as the diffusion loop.
+
+    runs/<name>/ckpt.pt       kind "dcgan": models {generator, discriminator, ema}, optimizers {g, d}
+    runs/<name>/config.json   the run's config
+    runs/<name>/log.jsonl     one JSON line per progress report (D and G losses, D(x), D(G(z)), img/s)
+    runs/<name>/samples/      EMA generator grids with fixed seeds, step_0001000.png …
+Running the same command again resumes from ckpt.pt (weights, EMA, both optimizers, RNG states and data order), so
+an interrupted and resumed run ends with the same weights as an uninterrupted one.
+
+Of the training settings the GAN uses steps, batch_size, lr, ema_decay, ema_warmup, seed and the logging/saving
+cadence; warmup, grad_clip, weight_decay, grid_steps and compile are diffusion-only (Adam at a constant rate is
+the DCGAN recipe), as are the unet, diffusion and cond_drop settings. Changing any of those for a DCGAN is refused.
+"""
+import math
+import time
+
+import torch
+
+from . import data as data_mod
+from .checkpoint import save_checkpoint
+from .config import build_config
+from .dcgan import gan_train_step, instance_noise_std, make_optimizers, sample_z
+from .ema import EMA
+from .errors import UserError
+from .imageio import make_grid, save_png, to_uint8
+from .models import build_gan
+from .training import (RunFolder, check_train_flags, format_eta, load_run_checkpoint, load_training_data, rng_state,
+                       say, set_rng_state)
+
+# Config fields that only a diffusion model reads: setting one for a DCGAN is a mistake we report.
+DIFFUSION_ONLY_SECTIONS = ("unet", "diffusion")
+DIFFUSION_ONLY_FIELDS = (("cond", "cond_drop"), ("train", "warmup"), ("train", "grad_clip"),
+                         ("train", "weight_decay"), ("train", "grid_steps"), ("train", "compile"))
+BN_CALIBRATION_IMAGES = 1024  # latents used to re-estimate the EMA generator's BatchNorm statistics
+BN_CALIBRATION_BATCH = 256
+
+
+def _flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def check_gan_config(cfg):
+    """UserError naming every diffusion-only flag whose value differs from the preset's (so the user set it).
+
+    train.py passes only the built config, so "set by the user" means "differs from what the preset gives"; a flag
+    repeating the preset's value changes nothing and is let through.
+    """
+    base, given = build_config(cfg.preset, {}, model=cfg.model).to_dict(), cfg.to_dict()
+    keys = [(s, k) for s in DIFFUSION_ONLY_SECTIONS for k in given[s]] + list(DIFFUSION_ONLY_FIELDS)
+    bad = [_flag(k) for s, k in keys if given[s][k] != base[s][k]]
+    if bad:
+        raise UserError(f"{' '.join(bad)} only apply to diffusion models; drop them for --model dcgan "
+                        "(the GAN's own flags are --z-dim, --g-channels, --d-channels, --beta1, --label-smoothing, "
+                        "--instance-noise, --noise-anneal-steps)")
+
+
+# --- sampling from the EMA generator ---------------------------------------------------------------------------
+def grid_condition(label_info, n, device):
+    """The grid's conditions, as in training.save_grid: classes cycled [n], or held-out label sets [n, K]."""
+    if label_info["kind"] == "class":
+        return torch.arange(n, device=device) % len(label_info["names"])
+    if label_info["kind"] == "multilabel":
+        from .shapes import eval_label_sets, objects_to_multi_hot
+
+        sets = eval_label_sets()  # held-out label sets: the grid shows generalisation, not memorisation
+        return torch.tensor([objects_to_multi_hot(sets[i % len(sets)]) for i in range(n)], device=device)
+    return None
+
+
+@torch.no_grad()
+def calibrate_batchnorm(G, labels, device):
+    """Re-estimate G's BatchNorm running statistics for its *current* weights ("standing statistics", BigGAN).
+
+    The EMA copies the raw generator's running mean/var, which belong to the raw weights, not to the averaged
+    ones; sampling in eval mode with them shifts every activation. We reset them and average the batch statistics
+    of BN_CALIBRATION_IMAGES fixed latents (momentum None = a plain cumulative average), with conditions taken from
+    the training labels [N] or [N, K] in order, so the result is deterministic and leaves the training RNG alone.
+    """
+    bns = [m for m in G.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    G.train()
+    for start in range(0, BN_CALIBRATION_IMAGES, BN_CALIBRATION_BATCH):
+        seeds = range(start, start + BN_CALIBRATION_BATCH)
+        cond = None if labels is None else labels[torch.tensor(seeds) % labels.shape[0]].to(device)
+        G(sample_z(seeds, G.z_dim, device), cond)
+    for m, mom in zip(bns, momenta):
+        m.momentum = mom
+    G.eval()
+
+
+@torch.no_grad()
+def save_gan_grid(G, cfg, label_info, device, path):
+    """A grid of G's images for seeds 0..grid_size-1 (the same latents at every step, so progress is visible)."""
+    n = cfg.train.grid_size
+    x = G(sample_z(n, G.z_dim, device), grid_condition(label_info, n, device))
+    save_png(make_grid(to_uint8(x)), path)
+
+
+# --- the loop ----------------------------------------------------------------------------------------------------
+def train_gan(cfg, out, device, log=say):
+    """Train (or resume) the DCGAN run described by `cfg` in folder `out` on `device`."""
+    check_train_flags(cfg)
+    check_gan_config(cfg)
+    run = RunFolder(out)
+    tcfg = cfg.train
+    torch.manual_seed(tcfg.seed)
+    images, labels, label_info = load_training_data(cfg, device)
+    G, D = build_gan(cfg, label_info)
+    G, D = G.to(device), D.to(device)
+    ema = EMA(G, tcfg.ema_decay, tcfg.ema_warmup)
+    opt_g, opt_d = make_optimizers(G, D, cfg.gan, lr=tcfg.lr)  # constant rate: no warm-up, no clipping
+    sampler = data_mod.BatchSampler(images.shape[0], tcfg.batch_size, tcfg.seed)
+    gen = torch.Generator(device=device).manual_seed(tcfg.seed)
+    step = 0
+
+    ckpt = load_run_checkpoint(run, cfg, "dcgan", label_info)  # None for a new run; refuses another run's folder
+    if ckpt is not None:
+        G.load_state_dict(ckpt["models"]["generator"])
+        D.load_state_dict(ckpt["models"]["discriminator"])
+        ema.load_state_dict(ckpt["models"]["ema"])
+        opt_g.load_state_dict(ckpt["optimizers"]["g"])
+        opt_d.load_state_dict(ckpt["optimizers"]["d"])
+        sampler.load_state_dict(ckpt["sampler"])
+        set_rng_state(ckpt["rng"], gen)
+        step = ckpt["step"]
+        run.trim_log(step)
+        log(f"resuming {run.out} at step {step}")
+    n_g, n_d = (sum(p.numel() for p in net.parameters()) / 1e6 for net in (G, D))
+    log(f"training {cfg.preset} DCGAN (G {n_g:.3g} M, D {n_d:.3g} M parameters) on {images.shape[0]} images "
+        f"of {cfg.data.image_size}px, {device.type}, batch {tcfg.batch_size}, lr {tcfg.lr:g}, {tcfg.steps} steps "
+        f"→ {run.out}")
+    run.write_config(cfg)
+
+    def checkpoint(step):
+        save_checkpoint(run.ckpt, dict(
+            kind="dcgan", config=cfg.to_dict(), labels=label_info, step=step,
+            models=dict(generator=G.state_dict(), discriminator=D.state_dict(), ema=ema.state_dict()),
+            optimizers=dict(g=opt_g.state_dict(), d=opt_d.state_dict()),
+            rng=rng_state(gen), sampler=sampler.state_dict()))
+
+    G.train()
+    D.train()
+    sums = torch.zeros(4, device=device)  # d_loss, g_loss, D(x), D(G(z)) summed on the device: no sync per step
+    t0, n_since = time.perf_counter(), 0
+    while step < tcfg.steps:
+        idx = sampler.next().to(device)
+        x = data_mod.to_float(images[idx])
+        if cfg.data.flip:
+            x = data_mod.random_flip(x, gen)
+        b = x.shape[0]
+        cond = None if labels is None else labels[idx]
+        out = gan_train_step(G, D, opt_g, opt_d, x, cond, cfg.gan, step, tcfg.steps, gen)
+        sums += torch.stack([out["d_loss"], out["g_loss"], out["d_real"], out["d_fake"]])
+        ema.update(G, step)
+        step += 1
+        n_since += 1
+
+        if step % tcfg.log_every == 0 or step == tcfg.steps:
+            d_loss, g_loss, d_real, d_fake = (sums / n_since).tolist()
+            if not (math.isfinite(d_loss) and math.isfinite(g_loss)):
+                raise UserError(f"the GAN losses became D {d_loss} / G {g_loss} between steps {step - n_since + 1} "
+                                f"and {step}; the last good checkpoint {run.ckpt} is kept; lower --lr")
+            dt = time.perf_counter() - t0
+            ips = n_since * b / dt
+            eta = format_eta((tcfg.steps - step) * b / ips)
+            noise = instance_noise_std(cfg.gan, step - 1, tcfg.steps)
+            log(f"step {step}/{tcfg.steps} | D {d_loss:.3f} | G {g_loss:.3f} | D(x) {d_real:.2f} | "
+                f"D(G(z)) {d_fake:.2f} | noise {noise:.3f} | {ips:.1f} img/s | ETA {eta}")
+            run.append_log(dict(step=step, d_loss=d_loss, g_loss=g_loss, d_real=d_real, d_fake=d_fake,
+                                instance_noise=noise, img_per_s=ips))
+            sums.zero_()
+            t0, n_since = time.perf_counter(), 0
+        grid_due = step % tcfg.sample_every == 0 or step == tcfg.steps
+        save_due = step % tcfg.save_every == 0 or step == tcfg.steps
+        if grid_due or save_due:
+            # Only the EMA copy's buffers change here, and EMA.update overwrites them next step: training is unaffected.
+            calibrate_batchnorm(ema.model, labels, device)
+        if grid_due:
+            save_gan_grid(ema.model, cfg, label_info, device, run.grid_path(step))
+        if save_due:
+            checkpoint(step)
+    return run
