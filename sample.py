@@ -36,6 +36,8 @@ def build_parser():
                    help="classifier-free guidance w: 1 = plain conditional (default), 0 = unconditional, >1 stronger")
     p.add_argument("--bpd", action="store_true", help="report the VLB in bits/dim on --n test images instead")
     # [modes] other modes add their flags here: fusion/interpolation, quality report, conditional evaluation.
+    from tinyddpm import cond_eval; cond_eval.add_args(p)
+    from tinyddpm import fusion; fusion.add_args(p)
     return p
 
 
@@ -57,6 +59,8 @@ def check_args(args, gen):
         given = [f"--{k.replace('_', '-')}" for k in DIFFUSION_ONLY if getattr(args, k) is not None]
         if args.bpd:
             given.append("--bpd")
+        if args.no_clip:
+            given.append("--no-clip")
         if given:
             raise UserError(f"{' '.join(given)} only apply to diffusion models; this checkpoint is a DCGAN")
     if args.cfg_scale is not None and gen.labels["kind"] == "none":
@@ -76,6 +80,12 @@ def main(argv=None):
     if args.bpd:
         return report_bpd(gen, args)
     # [dispatch] other modes run here, each `return module.run(args, gen)`.
+    from tinyddpm import cond_eval
+    if cond_eval.wanted(args):
+        return cond_eval.run(args, gen)
+    if args.fuse or args.interpolate:
+        from tinyddpm import fusion
+        return fusion.run(args, gen)
     cond = gen.parse_condition(args.classes, args.labels, args.n)
     seeds = list(range(args.seed, args.seed + args.n))
     kw = {}
@@ -98,7 +108,10 @@ def main(argv=None):
 def save_images(images, seeds, out):
     from tinyddpm.imageio import make_grid, save_png
 
-    os.makedirs(out, exist_ok=True)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create output folder {out}: {e.strerror}; choose a writable --out") from None
     for img, s in zip(images, seeds):
         save_png(img, os.path.join(out, f"{s:06d}.png"))
     save_png(make_grid(images), os.path.join(out, "grid.png"))

@@ -2,9 +2,13 @@
 
     python train.py --dataset cifar --class cat
     python train.py --dataset folder --data-dir my_photos/ --image-size 64
+    torchrun --nproc_per_node 4 train.py --dataset cifar      # 4 GPUs; --batch-size is the global batch
+
+Ctrl-C or SIGTERM saves a checkpoint and exits (code 128 + signal number); run the same command to resume.
 """
 import argparse
 import os
+import signal
 import sys
 
 from tinyddpm.config import PRESETS, add_config_flags, build_config, default_preset, user_overrides
@@ -17,7 +21,10 @@ def build_parser():
     p.add_argument("--preset", choices=tuple(PRESETS), default=None,
                    help="named configuration (default: tiny on a CPU, small on a GPU)")
     p.add_argument("--out", default=None, help="run folder (default: runs/<dataset>-<classes>-<preset>)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (under torchrun: each process its GPU)")
+    p.add_argument("--skip-nonfinite", action="store_true",
+                   help="skip (and count) steps whose loss or gradient is NaN/Inf instead of stopping "
+                        "(diffusion only; one host sync per step)")
     add_config_flags(p)
     return p
 
@@ -31,12 +38,10 @@ def run_name(cfg):
         f"{kind}{cond}{data}-{cfg.preset}"
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    from tinyddpm.devices import resolve_device
+def train_from_args(args, device):
+    from tinyddpm import distributed
     from tinyddpm.training import say, train
 
-    device = resolve_device(args.device)
     overrides = user_overrides(args)
     preset = args.preset
     if preset is None:
@@ -45,13 +50,31 @@ def main(argv=None):
     cfg = build_config(preset, overrides, model=args.model)
     if cfg.data.dataset == "folder" and "data_dir" not in overrides.get("data", {}):
         raise UserError("--dataset folder needs --data-dir pointing at a folder of images")
+    out = args.out or os.path.join("runs", run_name(cfg))
     if cfg.model == "dcgan":
+        if args.skip_nonfinite:
+            raise UserError("--skip-nonfinite applies to diffusion training only; drop it for --model dcgan")
+        if distributed.world_size() > 1:
+            raise UserError("--model dcgan trains in one process only; run it with python, not torchrun")
         from tinyddpm.gan_training import train_gan
 
-        train_gan(cfg, args.out or os.path.join("runs", run_name(cfg)), device)
-    else:
-        train(cfg, args.out or os.path.join("runs", run_name(cfg)), device)
-    return 0
+        return train_gan(cfg, out, device)
+    return train(cfg, out, device, skip_nonfinite=args.skip_nonfinite)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    from tinyddpm import distributed
+    from tinyddpm.devices import resolve_device
+
+    device = distributed.setup(resolve_device(args.device))  # under torchrun: join the group, take this rank's GPU
+    try:
+        run = train_from_args(args, device)
+    finally:
+        distributed.cleanup()
+    stopped = getattr(run, "stopped_by", None)
+    # Stopped early by a signal: exit as the shell reports a killed command (128 + n), so `train && sample` stops.
+    return 128 + signal.Signals[stopped] if stopped in signal.Signals.__members__ else (1 if stopped else 0)
 
 
 if __name__ == "__main__":

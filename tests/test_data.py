@@ -88,8 +88,8 @@ def test_load_dataset_cifar_relabels_in_requested_order(cifar_root):
 
 
 def test_load_dataset_errors(tmp_path, cifar_root):
-    with pytest.raises(UserError, match="not available yet"):
-        data.load_dataset(DataConfig(dataset="shapes"))
+    with pytest.raises(UserError, match="only applies"):
+        data.load_dataset(DataConfig(dataset="shapes", classes=("cat",)))
     with pytest.raises(UserError, match="image-size 32"):
         data.load_dataset(DataConfig(dataset="cifar", data_dir=cifar_root, image_size=64))
     with pytest.raises(UserError, match="only applies"):

@@ -8,7 +8,6 @@ Nothing in it is a Python class, so `torch.load(weights_only=True)` reads it and
 """
 import os
 import pickle
-import zipfile
 
 import torch
 
@@ -20,11 +19,23 @@ FORMAT = "tinyddpm"
 FORMAT_VERSION = 1
 MODEL_KINDS = ("ddpm", "dcgan")
 CKPT_NAME = "ckpt.pt"
+ZIP_MAGIC = b"PK\x03\x04"
+PICKLE_PROTO = b"\x80"  # the PROTO opcode that starts every pickle of protocol ≥ 2
 
 
 def save_checkpoint(path, state: dict):
     """Add the format header and write atomically (temp file + os.replace)."""
     atomic_torch_save({"format": FORMAT, "version": FORMAT_VERSION, **state}, path)
+
+
+def _looks_like_torch_file(path):
+    """torch.save writes a zip archive (older PyTorch: a pickle, protocol 2+); anything else is not a checkpoint."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(ZIP_MAGIC))
+    except OSError as e:
+        raise UserError(f"cannot read checkpoint {path}: {e.strerror}; check the path and its permissions") from None
+    return head == ZIP_MAGIC or head[:1] == PICKLE_PROTO
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
@@ -36,6 +47,9 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         raise UserError(f"checkpoint {path} does not exist; pass the ckpt.pt of a training run (runs/<name>/ckpt.pt)")
     if os.path.isdir(path):
         raise UserError(f"{path} is a folder without {CKPT_NAME}; pass the checkpoint file")
+    if not _looks_like_torch_file(path):
+        raise UserError(f"cannot read checkpoint {path}: it is truncated or not a PyTorch file; "
+                        "use a complete ckpt.pt written by train.py")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -43,16 +57,22 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         first = str(e).strip().splitlines()[-1][:160] if str(e).strip() else ""
         raise UserError(f"refused to load {path}: it holds Python objects that safe loading does not allow "
                         f"({first}); only load checkpoints you trust, and only tinyddpm's plain-dict format") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+    except Exception as e:  # a damaged file can fail anywhere in unzipping/unpickling (EOFError, IndexError, …)
         raise UserError(f"cannot read checkpoint {path}: it is truncated or not a PyTorch file "
                         f"({e.__class__.__name__}); use a complete ckpt.pt") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"{path} is not a tinyddpm checkpoint; pass a ckpt.pt written by train.py")
     version = ckpt.get("version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int):
+        raise UserError(f"{path} has no valid format version ({version!r}); the file is damaged or was edited")
+    if version > FORMAT_VERSION:
         raise UserError(f"{path} has checkpoint format version {version}, newer than this tinyddpm "
                         f"(reads ≤ {FORMAT_VERSION}); upgrade tinyddpm")
     if ckpt.get("kind") not in MODEL_KINDS:
         raise UserError(f"{path} holds a model of kind {ckpt.get('kind')!r}; this tinyddpm knows {MODEL_KINDS}")
-    ckpt["run_config"] = RunConfig.from_dict(ckpt["config"])
+    try:
+        ckpt["run_config"] = RunConfig.from_dict(ckpt["config"])
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise UserError(f"{path} has no readable config ({e.__class__.__name__}); the file is damaged or was edited") \
+            from None
     return ckpt

@@ -11,7 +11,6 @@ Of the training settings the GAN uses steps, batch_size, lr, ema_decay, ema_warm
 cadence; warmup, grad_clip, weight_decay, grid_steps and compile are diffusion-only (Adam at a constant rate is
 the DCGAN recipe), as are the unet, diffusion and cond_drop settings. Changing any of those for a DCGAN is refused.
 """
-import math
 import time
 
 import torch
@@ -24,8 +23,8 @@ from .ema import EMA
 from .errors import UserError
 from .imageio import make_grid, save_png, to_uint8
 from .models import build_gan
-from .training import (RunFolder, check_train_flags, format_eta, load_run_checkpoint, load_training_data, rng_state,
-                       say, set_rng_state)
+from .training import (NonFiniteGuard, RunFolder, StopSignals, check_train_flags, format_eta, load_run_checkpoint,
+                       load_training_data, rng_state, say, set_rng_state)
 
 # Config fields that only a diffusion model reads: setting one for a DCGAN is a mistake we report.
 DIFFUSION_ONLY_SECTIONS = ("unet", "diffusion")
@@ -105,6 +104,7 @@ def train_gan(cfg, out, device, log=say):
     check_train_flags(cfg)
     check_gan_config(cfg)
     run = RunFolder(out)
+    run.check_writable()
     tcfg = cfg.train
     torch.manual_seed(tcfg.seed)
     images, labels, label_info = load_training_data(cfg, device)
@@ -114,7 +114,8 @@ def train_gan(cfg, out, device, log=say):
     opt_g, opt_d = make_optimizers(G, D, cfg.gan, lr=tcfg.lr)  # constant rate: no warm-up, no clipping
     sampler = data_mod.BatchSampler(images.shape[0], tcfg.batch_size, tcfg.seed)
     gen = torch.Generator(device=device).manual_seed(tcfg.seed)
-    step = 0
+    guard = NonFiniteGuard(device)
+    step = last_saved = 0
 
     ckpt = load_run_checkpoint(run, cfg, "dcgan", label_info)  # None for a new run; refuses another run's folder
     if ckpt is not None:
@@ -125,9 +126,10 @@ def train_gan(cfg, out, device, log=say):
         opt_d.load_state_dict(ckpt["optimizers"]["d"])
         sampler.load_state_dict(ckpt["sampler"])
         set_rng_state(ckpt["rng"], gen)
-        step = ckpt["step"]
-        run.trim_log(step)
+        step = last_saved = ckpt["step"]
         log(f"resuming {run.out} at step {step}")
+    run.remove_stale_temp()  # temp files of writes a SIGKILL interrupted
+    run.trim_log(step)  # a killed run may have logged past its last checkpoint
     n_g, n_d = (sum(p.numel() for p in net.parameters()) / 1e6 for net in (G, D))
     log(f"training {cfg.preset} DCGAN (G {n_g:.3g} M, D {n_d:.3g} M parameters) on {images.shape[0]} images "
         f"of {cfg.data.image_size}px, {device.type}, batch {tcfg.batch_size}, lr {tcfg.lr:g}, {tcfg.steps} steps "
@@ -145,41 +147,51 @@ def train_gan(cfg, out, device, log=say):
     D.train()
     sums = torch.zeros(4, device=device)  # d_loss, g_loss, D(x), D(G(z)) summed on the device: no sync per step
     t0, n_since = time.perf_counter(), 0
-    while step < tcfg.steps:
-        idx = sampler.next().to(device)
-        x = data_mod.to_float(images[idx])
-        if cfg.data.flip:
-            x = data_mod.random_flip(x, gen)
-        b = x.shape[0]
-        cond = None if labels is None else labels[idx]
-        out = gan_train_step(G, D, opt_g, opt_d, x, cond, cfg.gan, step, tcfg.steps, gen)
-        sums += torch.stack([out["d_loss"], out["g_loss"], out["d_real"], out["d_fake"]])
-        ema.update(G, step)
-        step += 1
-        n_since += 1
+    run.stopped_by = None
+    with StopSignals() as signals:  # SIGINT/SIGTERM: save a checkpoint after the current step and stop
+        while step < tcfg.steps:
+            idx = sampler.next().to(device)
+            x = data_mod.to_float(images[idx])
+            if cfg.data.flip:
+                x = data_mod.random_flip(x, gen)
+            b = x.shape[0]
+            cond = None if labels is None else labels[idx]
+            out = gan_train_step(G, D, opt_g, opt_d, x, cond, cfg.gan, step, tcfg.steps, gen)
+            sums += torch.stack([out["d_loss"], out["g_loss"], out["d_real"], out["d_fake"]])
+            guard.record(step + 1, out["d_loss"], out["g_loss"])  # on the device: no sync per step
+            ema.update(G, step)
+            step += 1
+            n_since += 1
 
-        if step % tcfg.log_every == 0 or step == tcfg.steps:
-            d_loss, g_loss, d_real, d_fake = (sums / n_since).tolist()
-            if not (math.isfinite(d_loss) and math.isfinite(g_loss)):
-                raise UserError(f"the GAN losses became D {d_loss} / G {g_loss} between steps {step - n_since + 1} "
-                                f"and {step}; the last good checkpoint {run.ckpt} is kept; lower --lr")
-            dt = time.perf_counter() - t0
-            ips = n_since * b / dt
-            eta = format_eta((tcfg.steps - step) * b / ips)
-            noise = instance_noise_std(cfg.gan, step - 1, tcfg.steps)
-            log(f"step {step}/{tcfg.steps} | D {d_loss:.3f} | G {g_loss:.3f} | D(x) {d_real:.2f} | "
-                f"D(G(z)) {d_fake:.2f} | noise {noise:.3f} | {ips:.1f} img/s | ETA {eta}")
-            run.append_log(dict(step=step, d_loss=d_loss, g_loss=g_loss, d_real=d_real, d_fake=d_fake,
-                                instance_noise=noise, img_per_s=ips))
-            sums.zero_()
-            t0, n_since = time.perf_counter(), 0
-        grid_due = step % tcfg.sample_every == 0 or step == tcfg.steps
-        save_due = step % tcfg.save_every == 0 or step == tcfg.steps
-        if grid_due or save_due:
-            # Only the EMA copy's buffers change here, and EMA.update overwrites them next step: training is unaffected.
-            calibrate_batchnorm(ema.model, labels, device)
-        if grid_due:
-            save_gan_grid(ema.model, cfg, label_info, device, run.grid_path(step))
-        if save_due:
-            checkpoint(step)
+            stop = signals.should_stop(step, device) and step < tcfg.steps
+            report = step % tcfg.log_every == 0 or step == tcfg.steps
+            grid_due = step % tcfg.sample_every == 0 or step == tcfg.steps
+            save_due = step % tcfg.save_every == 0 or step == tcfg.steps or stop
+            if report or grid_due or save_due:
+                guard.check(run, last_saved or None)  # names the first NaN/Inf step; nothing is saved after it
+            if report:
+                d_loss, g_loss, d_real, d_fake = (sums / n_since).tolist()
+                dt = time.perf_counter() - t0
+                ips = n_since * b / dt
+                eta = format_eta((tcfg.steps - step) * b / ips)
+                noise = instance_noise_std(cfg.gan, step - 1, tcfg.steps)
+                log(f"step {step}/{tcfg.steps} | D {d_loss:.3f} | G {g_loss:.3f} | D(x) {d_real:.2f} | "
+                    f"D(G(z)) {d_fake:.2f} | noise {noise:.3f} | {ips:.1f} img/s | ETA {eta}")
+                run.append_log(dict(step=step, d_loss=d_loss, g_loss=g_loss, d_real=d_real, d_fake=d_fake,
+                                    instance_noise=noise, img_per_s=ips))
+                sums.zero_()
+                t0, n_since = time.perf_counter(), 0
+            if grid_due or save_due:
+                # Only the EMA copy's buffers change; EMA.update overwrites them next step: training is unaffected.
+                calibrate_batchnorm(ema.model, labels, device)
+            if grid_due:
+                save_gan_grid(ema.model, cfg, label_info, device, run.grid_path(step))
+            if save_due:
+                checkpoint(step)
+                last_saved = step
+            if stop:
+                run.stopped_by = signals.received
+                log(f"stopped by {run.stopped_by} at step {step}; checkpoint {run.ckpt} saved; "
+                    "run the same command to resume")
+                break
     return run

@@ -65,7 +65,7 @@ def to_tensor(im):
     """PIL RGB → float tensor [3, H, W] in [-1, 1]."""
     import torch
 
-    arr = np.asarray(im, dtype=np.uint8)
+    arr = np.array(im, dtype=np.uint8)  # a writable copy (torch.from_numpy warns on read-only arrays)
     return torch.from_numpy(arr).permute(2, 0, 1).float().div(127.5).sub(1.0)
 
 
