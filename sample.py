@@ -79,12 +79,14 @@ def main(argv=None):
     check_args(args, gen)
     if args.bpd:
         return report_bpd(gen, args)
-    # [dispatch] other modes run here, each `return module.run(args, gen)`.
+    # Other modes: conditional evaluation, fusion / interpolation.
     from tinyddpm import cond_eval
+
     if cond_eval.wanted(args):
         return cond_eval.run(args, gen)
     if args.fuse or args.interpolate:
         from tinyddpm import fusion
+
         return fusion.run(args, gen)
     cond = gen.parse_condition(args.classes, args.labels, args.n)
     seeds = list(range(args.seed, args.seed + args.n))
@@ -92,6 +94,7 @@ def main(argv=None):
     if gen.kind == "ddpm":
         kw = dict(sampler=args.sampler or "ddim", steps=args.steps or DEFAULT_DDIM_STEPS, eta=args.eta or 0.0,
                   cfg_scale=1.0 if args.cfg_scale is None else args.cfg_scale, clip_x0=not args.no_clip)
+    make_output_dir(args.out)
     t0 = time.perf_counter()
 
     def progress(done, total):
@@ -105,13 +108,17 @@ def main(argv=None):
     return 0
 
 
-def save_images(images, seeds, out):
-    from tinyddpm.imageio import make_grid, save_png
-
+def make_output_dir(out):
+    """Create --out before any work is done, so an unwritable path fails at once."""
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create output folder {out}: {e.strerror}; choose a writable --out") from None
+
+
+def save_images(images, seeds, out):
+    from tinyddpm.imageio import make_grid, save_png
+
     for img, s in zip(images, seeds):
         save_png(img, os.path.join(out, f"{s:06d}.png"))
     save_png(make_grid(images), os.path.join(out, "grid.png"))

@@ -42,7 +42,12 @@ def test_tiny_cpu_run_prints_the_table_and_writes_json(tmp_path, capsys):
     for r in result["results"]:
         assert all(r[k] > 0 for k in FIELDS), r
         assert r["peak_mem_gib"] is None  # CPU: no CUDA memory statistics
-    assert result["params"]["tinyddpm"] == 1_063_651
+    from tinyddpm.config import build_config
+    from tinyddpm.models import build_unet, no_labels
+    from tinyddpm.unet import count_parameters
+
+    # The benchmark must build exactly the `tiny` preset's network.
+    assert result["params"]["tinyddpm"] == count_parameters(build_unet(build_config("tiny", {}), no_labels()))
     assert result["train_flops_per_step"]["tinyddpm"] > 0
     if result["diffusers"]:  # the same network: same size and FLOPs
         assert result["params"]["diffusers"] == result["params"]["tinyddpm"]
