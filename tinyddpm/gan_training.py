@@ -23,8 +23,8 @@ from .ema import EMA
 from .errors import UserError
 from .imageio import make_grid, save_png, to_uint8
 from .models import build_gan
-from .training import (NonFiniteGuard, RunFolder, StopSignals, check_train_flags, format_eta, load_run_checkpoint,
-                       load_training_data, rng_state, say, set_rng_state)
+from .training import (NonFiniteGuard, RunFolder, StopSignals, check_train_flags, format_eta, grid_condition,
+                       load_run_checkpoint, load_training_data, rng_state, say, set_rng_state)
 
 # Config fields that only a diffusion model reads: setting one for a DCGAN is a mistake we report.
 DIFFUSION_ONLY_SECTIONS = ("unet", "diffusion")
@@ -54,18 +54,6 @@ def check_gan_config(cfg):
 
 
 # --- sampling from the EMA generator ---------------------------------------------------------------------------
-def grid_condition(label_info, n, device):
-    """The grid's conditions, as in training.save_grid: classes cycled [n], or held-out label sets [n, K]."""
-    if label_info["kind"] == "class":
-        return torch.arange(n, device=device) % len(label_info["names"])
-    if label_info["kind"] == "multilabel":
-        from .shapes import eval_label_sets, objects_to_multi_hot
-
-        sets = eval_label_sets()  # held-out label sets: the grid shows generalisation, not memorisation
-        return torch.tensor([objects_to_multi_hot(sets[i % len(sets)]) for i in range(n)], device=device)
-    return None
-
-
 @torch.no_grad()
 def calibrate_batchnorm(G, labels, device):
     """Re-estimate G's BatchNorm running statistics for its *current* weights ("standing statistics", BigGAN).

@@ -320,18 +320,23 @@ def check_same_step(step, run, device):
                         "put --out on a filesystem that every machine shares")
 
 
+def grid_condition(label_info, n, device):
+    """The grids' conditions: classes cycled [n], or held-out label sets [n, K] (generalisation, not memory)."""
+    if label_info["kind"] == "class":
+        return torch.arange(n, device=device) % len(label_info["names"])
+    if label_info["kind"] == "multilabel":
+        from .shapes import eval_label_sets, objects_to_multi_hot
+
+        sets = eval_label_sets()
+        return torch.tensor([objects_to_multi_hot(sets[i % len(sets)]) for i in range(n)], device=device)
+    return None
+
+
 @torch.no_grad()
 def save_grid(ema_model, diffusion, cfg, label_info, device, path):
     """An EMA sample grid with fixed seeds (the same images at every step, so progress is visible)."""
     n = cfg.train.grid_size
-    cond = None
-    if label_info["kind"] == "class":
-        cond = torch.arange(n, device=device) % len(label_info["names"])  # cycle through the classes
-    elif label_info["kind"] == "multilabel":
-        from .shapes import eval_label_sets, objects_to_multi_hot
-
-        sets = eval_label_sets()  # held-out label sets: the grid shows generalisation, not memorisation
-        cond = torch.tensor([objects_to_multi_hot(sets[i % len(sets)]) for i in range(n)], device=device)
+    cond = grid_condition(label_info, n, device)
     shape = (3, cfg.data.image_size, cfg.data.image_size)
     x = ddim_sample(diffusion, guided(ema_model, cond), shape, list(range(n)), device, steps=cfg.train.grid_steps)
     save_png(make_grid(to_uint8(x)), path)
