@@ -144,7 +144,7 @@ def test_bf16_autocast_and_fullgraph_compile_trace():
 @pytest.mark.parametrize("change,kwargs,match", [
     (dict(), dict(image_size=18), "cannot be halved"),
     (dict(attn_resolutions=(2,)), dict(), "attn-resolutions"),
-    (dict(base_channels=48), dict(), "multiples of 32"),
+    (dict(base_channels=30), dict(), "GroupNorm groups"),
     (dict(attn_resolutions=(8,), num_heads=3), dict(), "num-heads"),
     (dict(), dict(cond_kind="text", num_cond=3), "unknown condition kind"),
     (dict(), dict(cond_kind="class", num_cond=0), "num_cond"),

@@ -20,6 +20,7 @@ DistributedDataParallel averages the gradients and only rank 0 writes files.
 import glob
 import json
 import math
+import numpy as np
 import os
 import signal
 import sys
@@ -328,7 +329,7 @@ def grid_condition(label_info, n, device):
         from .shapes import eval_label_sets, objects_to_multi_hot
 
         sets = eval_label_sets()
-        return torch.tensor([objects_to_multi_hot(sets[i % len(sets)]) for i in range(n)], device=device)
+        return torch.from_numpy(np.stack([objects_to_multi_hot(sets[i % len(sets)]) for i in range(n)])).to(device)
     return None
 
 

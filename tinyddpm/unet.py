@@ -26,7 +26,11 @@ import torch.nn.functional as F
 from .config import UNetConfig
 from .errors import UserError
 
-NORM_GROUPS = 32  # GroupNorm groups, as in the paper
+NORM_GROUPS = 32  # GroupNorm groups, as in the paper (at ≥ 128 channels)
+# At least this many channels per group. With one channel per group GroupNorm becomes InstanceNorm and removes each
+# channel's spatial mean, so a narrow model cannot carry an image's overall colour to its output: samples of the
+# 32-channel `tiny` preset came out with saturated, wrong global colours (magenta floors in the shapes data).
+MIN_CHANNELS_PER_GROUP = 4
 TIME_EMBED_MULT = 4  # time-embedding width = 4 × base channels
 MAX_PERIOD = 10_000  # longest wavelength of the sinusoidal timestep embedding (as in Transformers)
 COND_KINDS = ("none", "class", "multilabel")
@@ -47,8 +51,12 @@ def zero_(module):
     return module
 
 
+def norm_groups(channels):
+    return max(1, min(NORM_GROUPS, channels // MIN_CHANNELS_PER_GROUP))
+
+
 def norm(channels):
-    return nn.GroupNorm(NORM_GROUPS, channels)
+    return nn.GroupNorm(norm_groups(channels), channels)
 
 
 class ResBlock(nn.Module):
@@ -148,8 +156,10 @@ class UNet(nn.Module):
         super().__init__()
         ch, levels = cfg.base_channels, len(cfg.channel_mults)
         widths = [ch * m for m in cfg.channel_mults]
-        if any(w % NORM_GROUPS for w in widths):
-            raise UserError(f"channel widths {widths} must be multiples of {NORM_GROUPS} (GroupNorm groups); "
+        if any(w % norm_groups(w) for w in widths):
+            raise UserError(f"channel widths {widths} must split evenly into GroupNorm groups (multiples of "
+                            f"{MIN_CHANNELS_PER_GROUP} below {NORM_GROUPS * MIN_CHANNELS_PER_GROUP}, else of "
+                            f"{NORM_GROUPS}); "
                             "change --base-channels or --channel-mults")
         if image_size % 2 ** (levels - 1):
             raise UserError(f"image size {image_size} cannot be halved {levels - 1} times; use a multiple of "
