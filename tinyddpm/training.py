@@ -20,13 +20,13 @@ DistributedDataParallel averages the gradients and only rank 0 writes files.
 import glob
 import json
 import math
-import numpy as np
 import os
 import signal
 import sys
 import threading
 import time
 
+import numpy as np
 import torch
 
 from . import data as data_mod
