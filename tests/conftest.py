@@ -25,3 +25,15 @@ def cifar_root(tmp_path_factory):
 
         subprocess.run([sys.executable, maker, cache, "--tar"], check=True, stdout=subprocess.DEVNULL)
     return cache
+
+
+@pytest.fixture
+def one_thread():
+    """Run on one intra-op thread, restored afterwards: the test models are small, and on a busy 2-core machine two
+    OpenMP threads spin against other processes (measured here: 4x the CPU time, 4x slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -19,14 +19,7 @@ TINY_CPU = ["--config", "tiny", "--device", "cpu", "--iters", "2", "--warmup", "
 FIELDS = ("train_img_s", "train_tflops", "mfu", "sample_img_steps_s")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Run on one intra-op thread, restored afterwards: these models are small, and on a busy 2-core machine two
-    OpenMP threads spin against other processes (measured here: 4x the CPU time, 4x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 def test_tiny_cpu_run_prints_the_table_and_writes_json(tmp_path, capsys):

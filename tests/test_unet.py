@@ -16,14 +16,7 @@ SIZE = 16
 TINY_ATTN = dataclasses.replace(TINY, attn_resolutions=(8,), num_heads=2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Run on one intra-op thread, restored afterwards: these models are small, and on a busy 2-core machine two
-    OpenMP threads spin against other processes (measured here: 4x the CPU time, 4x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 def randomize_(model, std=0.1, seed=0):
