@@ -4,22 +4,30 @@
     python fid.py dirA --save-stats a.npz         # mu/sigma in pytorch-fid's .npz format
     python fid.py samples/ ref.npz                # a stats file on either side
     python fid.py dirA dirB --kid                 # also KID (mean ± std over subsets)
+    python fid.py samples/ cifar10:cat:test       # a dataset reference: CIFAR-10 test cats, no PNG export needed
     python fid.py dirA dirB --device cuda --batch-size 200 --num-workers 4 --weights PATH
 
-An input is a folder (searched recursively), a .npz statistics file (keys mu, sigma) or a .npy/.npz uint8 image
-array [N, H, W, 3]. Progress goes to stderr, the result alone to stdout.
+An input is a folder (searched recursively), a .npz statistics file (keys mu, sigma), a .npy/.npz uint8 image
+array [N, H, W, 3] or a dataset reference cifar10:CLASSES:SPLIT[:N] (the first N images of the split in file
+order; CLASSES are names joined by commas, or all), read from --data-dir. Progress goes to stderr, the result alone to stdout.
 """
 import argparse
 import os
 import sys
 import warnings
 
+from tinyddpm.config import DataConfig
 from tinyddpm.errors import UserError, run_cli
+
+DEFAULT_DATA_DIR = DataConfig.data_dir  # train.py's default --data-dir, so both find the same download
 
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="one or two folders / .npz stats / .npy arrays")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="one or two folders / .npz stats / .npy arrays / dataset references like cifar10:cat:test")
+    p.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
+                   help=f"where dataset references are read (CIFAR-10 is downloaded there; default {DEFAULT_DATA_DIR})")
     p.add_argument("--save-stats", metavar="PATH", help="save mu/sigma of the single INPUT to PATH (.npz)")
     p.add_argument("--force", action="store_true", help="let --save-stats overwrite an existing file")
     p.add_argument("--kid", action="store_true", help="also report KID (needs images on both sides)")
@@ -70,7 +78,7 @@ def main(argv=None):
     from tinyddpm.statistics import default_cache_dir, measure, resolve_source, save_statistics
 
     device = resolve_device(args.device)
-    sources = [resolve_source(p) for p in args.inputs]  # every input checked before the slow part starts
+    sources = [resolve_source(p, args.data_dir) for p in args.inputs]  # every input checked before the slow part starts
     if args.kid and any(s.kind == "stats" for s in sources):
         raise UserError("--kid needs image features on both sides, and a statistics file only holds mu/sigma; "
                         "pass image folders/arrays, or drop --kid")

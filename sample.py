@@ -5,6 +5,7 @@
     python sample.py --ckpt ... --class frog --cfg-scale 3                         # class-conditional + guidance
     python sample.py --ckpt ... --labels "red cube, blue sphere" --cfg-scale 2     # multi-label model
     python sample.py --ckpt ... --bpd --n 256                                      # VLB in bits/dim on the test split
+    python sample.py --ckpt ... --report                                           # FID-1k, KID, real-vs-real floor
 """
 import argparse
 import os
@@ -12,14 +13,17 @@ import sys
 import time
 
 from tinyddpm.errors import UserError, run_cli
+from tinyddpm.generate import DEFAULT_DDIM_STEPS, DefaultN
+from tinyddpm.report import REPORT_N
 
-DEFAULT_DDIM_STEPS = 100
+DEFAULT_N = 64
 
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint (runs/<name>/ckpt.pt) or its run folder")
-    p.add_argument("--n", type=int, default=64, help="number of images")
+    p.add_argument("--n", type=int, default=DefaultN(DEFAULT_N),
+                   help=f"number of images (default {DEFAULT_N}; --report: {REPORT_N}; --fuse: 1 per λ)")
     p.add_argument("--out", default="samples", help="output folder for the PNGs and grid.png")
     p.add_argument("--sampler", choices=("ddim", "ddpm"), default=None,
                    help="ddim (default, --steps steps) or ddpm (all T ancestral steps)")
@@ -38,6 +42,7 @@ def build_parser():
     # [modes] other modes add their flags here: fusion/interpolation, quality report, conditional evaluation.
     from tinyddpm import cond_eval; cond_eval.add_args(p)
     from tinyddpm import fusion; fusion.add_args(p)
+    from tinyddpm import report; report.add_args(p)
     return p
 
 
@@ -65,6 +70,13 @@ def check_args(args, gen):
             raise UserError(f"{' '.join(given)} only apply to diffusion models; this checkpoint is a DCGAN")
     if args.cfg_scale is not None and gen.labels["kind"] == "none":
         raise UserError("--cfg-scale needs a conditional model; this one is unconditional")
+    from tinyddpm import cond_eval, report
+
+    modes = [flag for flag, on in (("--bpd", args.bpd), ("--eval-labels", cond_eval.wanted(args)),
+                                   ("--report", report.wanted(args)), ("--fuse", args.fuse),
+                                   ("--interpolate", args.interpolate)) if on]
+    if len(modes) > 1:
+        raise UserError(f"{' and '.join(modes)} are separate modes; run them one at a time")
 
 
 def main(argv=None):
@@ -79,11 +91,13 @@ def main(argv=None):
     check_args(args, gen)
     if args.bpd:
         return report_bpd(gen, args)
-    # Other modes: conditional evaluation, fusion / interpolation.
-    from tinyddpm import cond_eval
+    # Other modes: conditional evaluation, quality report, fusion / interpolation.
+    from tinyddpm import cond_eval, report
 
     if cond_eval.wanted(args):
         return cond_eval.run(args, gen)
+    if report.wanted(args):
+        return report.run(args, gen)
     if args.fuse or args.interpolate:
         from tinyddpm import fusion
 

@@ -211,7 +211,7 @@ def test_class_model_needs_class_and_dcgan_is_refused(tiny, other_ckpts, tmp_pat
     (["--interpolate", "A", "B", "--lam", "0.5"], ["--lam", "only apply to --fuse"]),
     (["--interpolate", "A", "B", "--n", "3"], ["--n"]),
     (["--fuse", "A", "B", "--frames", "3"], ["--frames", "only apply to --interpolate"]),
-    (["--fuse", "A", "B", "--interpolate", "A", "B"], ["one of them"]),
+    (["--fuse", "A", "B", "--interpolate", "A", "B"], ["one at a time"]),
     (["--fuse", "A", "B", "--class", "cat"], ["unconditional"]),
 ])
 def test_bad_input(tiny, tmp_path, capsys, extra, words):

@@ -29,12 +29,13 @@ import numpy as np
 import torch
 
 from .errors import UserError
+from .generate import DEFAULT_DDIM_STEPS, DefaultN
 from .imageio import load_rgb, make_grid, resize_center_crop, save_png, to_tensor, to_uint8
 from .samplers import ImageNoise, ddim_invert, ddim_sample
 
 DEFAULT_LAM = 0.5
 DEFAULT_FRAMES = 9
-DEFAULT_STEPS = 100           # DDIM steps when --steps is not given (sample.py's default)
+DEFAULT_STEPS = DEFAULT_DDIM_STEPS  # DDIM steps when --steps is not given (sample.py's default)
 NOISE_MODES = ("shared", "independent")
 # The forward noise of a fusion is drawn from its own stream, so it is not the first draw of the sampler's noise
 # for the same seed (which would correlate the noise added at step t with the noise the sampler adds next).
@@ -173,16 +174,8 @@ def strip(a_uint8, middle_uint8, b_uint8):
 
 
 # ---- command line (flags added to sample.py) -------------------------------------------------------------------
-class _DefaultN(int):
-    """sample.py's --n default (64 for sampling), marked so fusion can tell an explicit --n from none given.
-
-    It is an ordinary int everywhere else; fusion makes a single image per λ unless --n is given.
-    """
-
-
 def add_args(p):
     """Add the fusion/interpolation flags to sample.py's parser."""
-    p.set_defaults(n=_DefaultN(p.get_default("n")))
     g = p.add_argument_group("fusion and interpolation (docs/fusion.md)")
     g.add_argument("--fuse", nargs="+", metavar="IMAGE", default=None,
                    help="fuse two images A B: noise both to --t, mix (1−λ)·A + λ·B, denoise to 0; writes fused*.png "
@@ -214,10 +207,9 @@ def _flags(args, names):
 
 
 def check_args(args, gen):
-    """Every user mistake of a fusion/interpolation command as one UserError, before any image is read."""
+    """Every user mistake of a fusion/interpolation command as one UserError, before any image is read.
+    (sample.py has already refused two modes at once, e.g. --fuse with --interpolate.)"""
     mode = "--fuse" if args.fuse else "--interpolate"
-    if args.fuse and args.interpolate:
-        raise UserError("--fuse and --interpolate are separate modes; give one of them")
     if gen.kind != "ddpm":
         raise UserError(f"{mode} needs a diffusion model; {args.ckpt} is a {gen.kind.upper()} checkpoint")
     paths = args.fuse or args.interpolate
@@ -240,7 +232,7 @@ def check_args(args, gen):
             raise UserError(f"--inversion-steps must be at least 1 (got {args.inversion_steps})")
         if args.sampler == "ddpm" or (args.eta or 0.0) > 0:
             raise UserError("--interpolate decodes with deterministic DDIM (η = 0); drop --sampler ddpm / --eta")
-        if not isinstance(args.n, _DefaultN):
+        if not isinstance(args.n, DefaultN):
             raise UserError("--n does not apply to --interpolate (it is deterministic); use --frames")
         if args.classes and len(args.classes) > 1:
             raise UserError("--interpolate takes one --class (both inputs are encoded with it)")
@@ -259,7 +251,7 @@ def run(args, gen):
     check_args(args, gen)
     a, b = (load_image(p, gen.image_size) for p in (args.fuse or args.interpolate))
     # Fusion: one image per λ unless --n is given. Interpolation: one condition for both inputs and every frame.
-    n = 1 if isinstance(args.n, _DefaultN) or args.interpolate else args.n
+    n = 1 if isinstance(args.n, DefaultN) or args.interpolate else args.n
     cond = condition(args, gen, n)
     t0 = time.perf_counter()
 

@@ -16,6 +16,14 @@ from .models import build_diffusion, build_gan, build_unet
 from .samplers import ddim_sample, ddpm_sample, guided
 
 
+DEFAULT_DDIM_STEPS = 100  # DDIM steps when --steps is not given
+
+
+class DefaultN(int):
+    """sample.py's --n default, marked so a mode can tell an explicit --n from none given (fusion makes one image
+    per λ and the quality report 1,000 images unless --n is given). It is an ordinary int everywhere else."""
+
+
 class Generator:
     """A loaded checkpoint ready to sample: `.images(seeds, cond)` → uint8 [B, H, W, 3]."""
 

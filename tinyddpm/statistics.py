@@ -17,10 +17,13 @@ import torch.nn.functional as F
 
 from .errors import UserError
 from .files import atomic_write_bytes
+from .config import DataConfig
+from .data import CIFAR10_REF_FORMAT, is_cifar_reference, load_cifar_reference, parse_cifar_reference
 from .imageio import IMAGE_EXTENSIONS, list_images, load_rgb
 
 MIN_IMAGES = 2  # a covariance needs at least two samples
 PROGRESS_EVERY_S = 5.0  # seconds between progress lines on stderr
+DEFAULT_DATA_DIR = DataConfig.data_dir  # where dataset references are read from, as for train.py
 
 
 # ---- where images come from ---------------------------------------------------------------------------------------
@@ -96,15 +99,21 @@ def save_statistics(path, mu, sigma, force=False):
     atomic_write_bytes(path, buf.getvalue())
 
 
-def resolve_source(spec):
-    """A path or a uint8 array → Source, checked up front (exists, has ≥ 2 images, stats well-formed).
+def resolve_source(spec, data_dir=DEFAULT_DATA_DIR):
+    """A path, a dataset reference or a uint8 array → Source, checked up front (exists, has ≥ 2 images, stats
+    well-formed). The one place that knows input kinds.
 
-    The one place that knows input kinds: extend it for new ones (e.g. dataset references)."""
+    A dataset reference (`cifar10:cat:test`, see data.parse_cifar_reference) is read from data_dir, downloading
+    CIFAR-10 there if needed, so nobody has to export the real images as PNGs. An existing path of that name wins."""
     if isinstance(spec, np.ndarray):
         return Source("array", "array", array=as_uint8_images(spec, "image array"))
     path = os.fspath(spec)
+    if is_cifar_reference(path) and not os.path.exists(path):
+        ref = parse_cifar_reference(path)
+        return Source("array", ref.spec, array=as_uint8_images(load_cifar_reference(ref, data_dir), ref.spec))
     if not os.path.exists(path):
-        raise UserError(f"{path} does not exist; pass a folder of images, a .npz statistics file or a .npy/.npz array")
+        raise UserError(f"{path} does not exist; pass a folder of images, a .npz statistics file, a .npy/.npz array "
+                        f"or a dataset reference ({CIFAR10_REF_FORMAT})")
     if os.path.isdir(path):
         paths = list_images(path)
         if len(paths) < MIN_IMAGES:
@@ -371,3 +380,28 @@ def load_cached_statistics(key, cache_dir):
 
 def save_cached_statistics(key, cache_dir, mu, sigma):
     save_statistics(cache_path(key, cache_dir), mu, sigma, force=True)
+
+
+def cached_features(source, model, cache_dir, batch_size=50, device="cpu", progress=True):
+    """float32 features [N, 2048] of a folder/array Source, kept in cache_dir (None: no cache) as feats-<key>.npy.
+    Used for reference images, which are measured again and again: KID needs the features, not only mu/sigma."""
+    key = statistics_cache_key(source_fingerprint(source), model.weights_id, "features")
+    path = os.path.join(cache_dir, f"feats-{key}.npy") if cache_dir else None
+    if path and os.path.isfile(path):
+        try:
+            feats = np.load(path, allow_pickle=False)
+            if feats.ndim == 2 and len(feats) == len(source):
+                print(f"{source.name}: features from cache {path}", file=sys.stderr)
+                return feats
+        except (OSError, ValueError):  # a damaged cache entry counts as a miss and is rewritten
+            pass
+    batches = iter_batches(source, batch_size)
+    feats = np.concatenate(list(iter_features(batches, model, device, Progress(len(source), source.name, progress))))
+    if path:
+        import io
+
+        buf = io.BytesIO()
+        np.save(buf, feats)
+        os.makedirs(cache_dir, exist_ok=True)
+        atomic_write_bytes(path, buf.getvalue())
+    return feats

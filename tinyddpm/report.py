@@ -1,0 +1,287 @@
+"""The quality report: how good a checkpoint is, and how far it stands from the best a model could do.
+
+    python sample.py --ckpt runs/<name>/ckpt.pt --report                  # FID-1k and KID vs the test split, floor
+    python sample.py --ckpt ... --report --n 1000 --sampler ddpm           # all T ancestral steps
+    python sample.py --ckpt ... --report --class cat --cfg-scale 2         # a class model: one row per class
+    python sample.py --ckpt ... --report --ref held_out/                   # any other reference (no floor)
+
+For a CIFAR-10 model the reference is the test split of the classes it was trained on (`cifar10:cat:test`: the
+1,000 test cats) and the **floor** is the real-vs-real FID: the first N *train* images of the same classes against
+the same reference. It is what a model that reproduced its training set would score with N images, so FID/floor
+says how far from the best possible the model is. FID-N is biased upwards at small N and differs between N, so a
+figure means something only beside its floor, measured with the same N and reference. A class-conditional model
+gets one row per class: N images generated for that class against that class's test images, and that class's
+floor. The reference and floor images never overlap (test vs train split).
+
+The reference's and the floor's Inception features are cached (--cache-dir, default ~/.cache/tinyddpm/fid),
+keyed by the images and the weights, so a second report measures only the generated images.
+
+Writes into --out: report.json (every figure and setting), report.md (a Markdown table, one row per class), the
+generated images as report_images[_<class>].npy (uint8 [N, S, S, 3]: `python fid.py report_images.npy
+cifar10:cat:test` gives the same FID) and report_grid[_<class>].png (the first GRID_IMAGES of them).
+"""
+import json
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from .data import CIFAR10_CLASSES, CifarReference, is_cifar_reference, parse_cifar_reference
+from .errors import UserError
+from .files import atomic_write_bytes
+from .generate import DEFAULT_DDIM_STEPS, DefaultN
+from .imageio import make_grid, save_png
+
+REPORT_N = 1000  # images per report when --n is not given: the FID-1k protocol of the reports this grew from
+GRID_IMAGES = 64  # images in each written grid (8 × 8)
+KID_SCALE = 1e3  # KID is printed ×1000, as in the KID paper's tables
+FEATURES = 2048  # Inception pool features: with this many images or fewer the covariances are singular
+
+
+def add_args(p):
+    """sample.py's flags for this mode."""
+    g = p.add_argument_group("quality report (FID/KID against the dataset's reference split and its floor)")
+    g.add_argument("--report", action="store_true",
+                   help=f"generate --n images (default {REPORT_N}), print FID, KID and the real-vs-real floor")
+    g.add_argument("--ref", default=None,
+                   help="reference: a dataset reference (cifar10:cat:test; default: the test split of the model's "
+                        "classes), a folder, a .npz statistics file or a .npy image array")
+    g.add_argument("--data-dir", default=None,
+                   help="where CIFAR-10 is read for the reference and floor (default: the checkpoint's --data-dir)")
+    g.add_argument("--inception-weights", default=None, metavar="PATH",
+                   help="FID Inception weights (default: found as fid.py finds them, docs/fid.md)")
+    g.add_argument("--cache-dir", default=None,
+                   help="where reference features are cached (default ~/.cache/tinyddpm/fid)")
+
+
+REPORT_ONLY = ("ref", "data_dir", "inception_weights", "cache_dir")
+
+
+def wanted(args):
+    """True when any flag of this mode was given (so a stray --ref is an error, not silently ignored)."""
+    return bool(args.report or any(getattr(args, k) is not None for k in REPORT_ONLY))
+
+
+# ------------------------------------------------------------------------------------------------ what to measure
+@dataclass
+class Row:
+    """One line of the report: N images generated with `cond` (class index or None) against `ref`."""
+    label: str  # the class name, or "all" for an unconditional model
+    cond_index: Optional[int]
+    ref: str  # what fid.py would be given: a dataset reference or a path
+    floor: Optional[CifarReference]  # N train images of the same classes; None when the reference is not a dataset
+
+
+def _model_classes(gen):
+    """CIFAR-10 indices the checkpoint was trained on, or None when it was not trained on CIFAR-10."""
+    data = gen.cfg.data
+    if data.dataset != "cifar":
+        return None
+    return tuple(parse_cifar_reference(f"cifar10:{','.join(map(str, data.classes)) or 'all'}:test").classes)
+
+
+def _dataset_row(label, cond_index, classes, n):
+    ref = CifarReference(tuple(classes), "test")
+    return Row(label, cond_index, ref.spec, CifarReference(tuple(classes), "train", n))
+
+
+def plan(args, gen, n):
+    """The report's rows, with every way the request can be wrong caught before anything slow happens."""
+    if not args.report:
+        flags = " ".join(f"--{k.replace('_', '-')}" for k in REPORT_ONLY if getattr(args, k) is not None)
+        raise UserError(f"{flags} only apply with --report")
+    if n < 2:
+        raise UserError(f"--n must be at least 2 for a report (a covariance needs two images; got {n})")
+    kind, model_classes = gen.labels["kind"], _model_classes(gen)
+    if kind == "multilabel":
+        raise UserError("the quality report is for CIFAR-10 and image-folder models; score a shapes model with "
+                        "--eval-labels --evaluator runs/evaluator.pt (docs/conditional.md)")
+    if args.labels:
+        raise UserError("--labels is for shapes models; a report on a class model takes --class")
+    if kind == "none" and args.classes:
+        raise UserError("this model is unconditional; drop --class (the report uses the classes it was trained on)")
+    if gen.kind == "ddpm" and args.cfg_scale is not None and kind == "none":
+        raise UserError("--cfg-scale needs a conditional model; this one is unconditional")
+    names = gen.labels["names"] if kind == "class" else None
+    if kind == "class":
+        asked = [str(c).strip().lower() for c in (args.classes or names)]
+        for c in asked:
+            if c not in names:
+                raise UserError(f"class {c!r} was not trained; this model knows: {', '.join(names)}")
+        asked = list(dict.fromkeys(asked))
+    if args.ref is None:
+        if model_classes is None:
+            raise UserError(f"this model was trained on --dataset {gen.cfg.data.dataset}, which has no built-in "
+                            "reference split; pass --ref with a folder of held-out images or a .npz statistics file")
+        if kind == "class":  # one row per class, each against that class's test images
+            return [_dataset_row(c, names.index(c), [CIFAR10_CLASSES.index(c)], n) for c in asked]
+        return [_dataset_row("all" if len(model_classes) == len(CIFAR10_CLASSES) else
+                             ",".join(CIFAR10_CLASSES[i] for i in model_classes), None, model_classes, n)]
+    if kind == "class" and len(asked) != 1:
+        raise UserError("--ref names one reference, so a report on a class model with --ref needs one --class")
+    label, cond_index = (asked[0], names.index(asked[0])) if kind == "class" else ("all", None)
+    if not is_cifar_reference(args.ref) or os.path.exists(args.ref):
+        return [Row(label, cond_index, args.ref, None)]  # a folder or a file: no train split to take a floor from
+    ref = parse_cifar_reference(args.ref)
+    trained = model_classes if kind != "class" else (CIFAR10_CLASSES.index(asked[0]),)
+    if trained is None:
+        raise UserError(f"this model was trained on --dataset {gen.cfg.data.dataset}, not CIFAR-10, so {args.ref} "
+                        f"is not its reference; pass --ref with held-out images of its own data")
+    if sorted(ref.classes) != sorted(trained):
+        want = CifarReference(tuple(trained), "test").spec
+        raise UserError(f"{args.ref} holds other classes than the model makes "
+                        f"({','.join(CIFAR10_CLASSES[i] for i in trained)}); pass --ref {want}")
+    if ref.split != "test":
+        raise UserError(f"{args.ref} is the train split, which the model was trained on and the floor is taken "
+                        f"from; use the test split, e.g. --ref {ref.with_count(None).spec.replace(':train', ':test')}")
+    return [Row(label, cond_index, ref.spec, CifarReference(ref.classes, "train", n))]
+
+
+# ------------------------------------------------------------------------------------------------ the work
+def _fid(a_mu, a_sigma, b_mu, b_sigma):
+    from .distance import frechet_distance
+
+    with warnings.catch_warnings():  # the small-N warning is said once, in the report's own words
+        warnings.simplefilter("ignore")
+        return frechet_distance(a_mu, a_sigma, b_mu, b_sigma)
+
+
+def _kid(a, b, seed):
+    from .distance import kernel_inception_distance
+
+    return None if a is None or b is None else kernel_inception_distance(a, b, seed=seed)
+
+
+class _Side:
+    """One side of an FID: mu/sigma, plus features when known (KID needs them; a .npz stats file has none)."""
+
+    def __init__(self, feats=None, mu=None, sigma=None, n=None):
+        from .statistics import statistics_from_features
+
+        self.feats = feats
+        self.mu, self.sigma = (mu, sigma) if feats is None else statistics_from_features(feats)
+        self.n = len(feats) if feats is not None else n
+
+
+def measure_reference(spec, model, data_dir, cache_dir, batch_size, device):
+    """A reference or floor (dataset reference, folder, .npy array or .npz stats) → _Side, features cached."""
+    from .statistics import cached_features, resolve_source
+
+    source = resolve_source(spec, data_dir)
+    if source.kind == "stats":
+        return _Side(mu=source.mu, sigma=source.sigma)
+    return _Side(cached_features(source, model, cache_dir, batch_size, device))
+
+
+def _settings(args, gen):
+    if gen.kind != "ddpm":
+        return dict(sampler=None, steps=None, eta=None, cfg_scale=None)
+    sampler = args.sampler or "ddim"
+    return dict(sampler=sampler, steps=gen.diffusion.num_timesteps if sampler == "ddpm" else
+                (args.steps or DEFAULT_DDIM_STEPS), eta=args.eta or 0.0,
+                cfg_scale=None if gen.labels["kind"] == "none" else (1.0 if args.cfg_scale is None else args.cfg_scale))
+
+
+def generate(gen, row, n, args, settings, progress):
+    """uint8 [n, S, S, 3] for a row; image i uses seed --seed + i."""
+    import torch
+
+    seeds = list(range(args.seed, args.seed + n))
+    cond = None if row.cond_index is None else torch.full((n,), row.cond_index, dtype=torch.long)
+    if gen.kind != "ddpm":
+        return gen.images(seeds, cond, args.batch_size, progress)
+    return gen.images(seeds, cond, args.batch_size, progress, sampler=settings["sampler"], steps=settings["steps"],
+                      eta=settings["eta"], cfg_scale=settings["cfg_scale"] or 1.0, clip_x0=not args.no_clip)
+
+
+def run(args, gen):
+    """sample.py --report. Returns the exit code."""
+    from .inception import load_inception
+    from .statistics import default_cache_dir, features_from_uint8, resolve_source
+
+    t_start = time.perf_counter()
+    n = REPORT_N if isinstance(args.n, DefaultN) else args.n
+    rows = plan(args, gen, n)
+    data_dir = args.data_dir or gen.cfg.data.data_dir
+    cache_dir = args.cache_dir or default_cache_dir()
+    for row in rows:  # fail on a reference that is too small or unreadable before generating anything
+        source = resolve_source(row.ref, data_dir)
+        if source.kind != "stats" and n > len(source):
+            raise UserError(f"--n {n} is more than the {len(source)} images of the reference {row.ref}; use "
+                            f"--n {len(source)} or less (the floor must compare as many real images)")
+    os.makedirs(args.out, exist_ok=True)
+    model = load_inception(args.inception_weights, gen.device)
+    settings = _settings(args, gen)
+    say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    results = []
+    for row in rows:
+        t_row = time.perf_counter()
+        ref = measure_reference(row.ref, model, data_dir, cache_dir, args.batch_size, gen.device)
+        floor = None if row.floor is None else measure_reference(row.floor.spec, model, data_dir, cache_dir,
+                                                                 args.batch_size, gen.device)
+
+        def progress(done, total):
+            dt = time.perf_counter() - t_gen
+            say(f"{row.label}: generated {done}/{total} | {done / dt:.2f} img/s | ETA {(total - done) * dt / done:.0f}s")
+
+        t_gen = time.perf_counter()
+        images = generate(gen, row, n, args, settings, progress)
+        gen_seconds = time.perf_counter() - t_gen
+        fake = _Side(features_from_uint8(images, model, args.batch_size, gen.device, progress=True))
+        suffix = "" if len(rows) == 1 else f"_{row.label}"
+        _save_array(images, os.path.join(args.out, f"report_images{suffix}.npy"))
+        save_png(make_grid(images[:GRID_IMAGES]), os.path.join(args.out, f"report_grid{suffix}.png"))
+        fid = _fid(fake.mu, fake.sigma, ref.mu, ref.sigma)
+        floor_fid = None if floor is None else _fid(floor.mu, floor.sigma, ref.mu, ref.sigma)
+        results.append(dict(
+            condition=row.label if row.cond_index is not None else None, reference=row.ref,
+            reference_images=ref.n, floor_reference=None if row.floor is None else row.floor.spec,
+            fid=fid, floor=floor_fid, ratio=None if floor_fid is None else fid / floor_fid,
+            kid=_kid(fake.feats, ref.feats, args.seed), floor_kid=None if floor is None else
+            _kid(floor.feats, ref.feats, args.seed), generate_seconds=gen_seconds,
+            seconds=time.perf_counter() - t_row))
+    summary = dict(ckpt=os.fspath(args.ckpt), model=gen.kind, step=gen.step, n=n, seed=args.seed, **settings,
+                   ema=not args.raw, device=str(gen.device), inception=model.weights_id, results=results,
+                   wall_seconds=time.perf_counter() - t_start)
+    table = markdown(summary)
+    atomic_write_bytes(os.path.join(args.out, "report.json"), (json.dumps(summary, indent=2) + "\n").encode())
+    atomic_write_bytes(os.path.join(args.out, "report.md"), table.encode())
+    if n <= FEATURES:
+        say(f"note: FID-{n} with {n} ≤ {FEATURES} images is biased upwards; compare it only with its floor "
+            f"(same N, same reference) and with other FID-{n} figures")
+    print(table, end="")
+    print(f"wrote report.json, report.md and the generated images to {args.out}")
+    return 0
+
+
+def _save_array(images, path):
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, images)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _fmt(x, scale=1.0, digits=2):
+    return "—" if x is None else f"{x * scale:.{digits}f}"
+
+
+def markdown(summary):
+    """The report as a Markdown table: one row per class (or one for an unconditional model)."""
+    how = summary["model"] if summary["sampler"] is None else (
+        f"{summary['sampler']} {summary['steps']}" + ("" if summary["cfg_scale"] is None else
+                                                       f", w = {summary['cfg_scale']:g}"))
+    lines = ["| checkpoint | step | sampling | condition | N | reference | FID | floor | FID / floor "
+             "| KID ×1e3 | floor KID ×1e3 | seconds |",
+             "|---|---:|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in summary["results"]:
+        kid = "—" if r["kid"] is None else f"{r['kid'][0] * KID_SCALE:.2f} ± {r['kid'][1] * KID_SCALE:.2f}"
+        fkid = "—" if r["floor_kid"] is None else f"{r['floor_kid'][0] * KID_SCALE:.2f}"
+        lines.append(f"| {summary['ckpt']} | {summary['step']} | {how} | {r['condition'] or '—'} | {summary['n']} | "
+                     f"{r['reference']} | {_fmt(r['fid'])} | {_fmt(r['floor'])} | {_fmt(r['ratio']) + '×' if r['ratio'] is not None else '—'} | {kid} | "
+                     f"{fkid} | {r['seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
