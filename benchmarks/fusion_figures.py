@@ -1,7 +1,7 @@
 """Fusion/interpolation figures for docs/fusion.md (run from the repo root; CPU).
 
     OMP_NUM_THREADS=1 python benchmarks/fusion_figures.py psnr CKPT [n_images=8] [steps=50]
-    OMP_NUM_THREADS=1 python benchmarks/fusion_figures.py fid  CKPT [n_fusions=200] [steps=50]
+    OMP_NUM_THREADS=1 python benchmarks/fusion_figures.py fid  CKPT [n_fusions=1000] [steps=50]
 """
 import sys, time
 import numpy as np, torch
@@ -13,7 +13,7 @@ from tinyddpm.imageio import to_uint8
 
 CIFAR = ".cache/cifar"
 mode, ckpt = sys.argv[1], sys.argv[2]
-n = int(sys.argv[3]) if len(sys.argv) > 3 else (8 if mode == "psnr" else 200)
+n = int(sys.argv[3]) if len(sys.argv) > 3 else (8 if mode == "psnr" else 1000)
 steps = int(sys.argv[4]) if len(sys.argv) > 4 else 50
 gen = Generator(ckpt, torch.device("cpu"))
 print(f"checkpoint step {gen.step}, T = {gen.diffusion.num_timesteps}", flush=True)
@@ -32,36 +32,37 @@ if mode == "psnr":
               f"mean {np.mean(ps):.2f} dB, min {np.min(ps):.2f}, max {np.max(ps):.2f} "
               f"({time.time() - t0:.0f}s)", flush=True)
 else:
-    from tinyddpm.distance import frechet_distance
+    # Fusion k blends test cats k and (k + 1) mod 1000 (1,000 distinct pairs, each cat once as A and once as B)
+    # at λ = 0.5 from t = T/2 with shared noise and seed k, then DDIM back to 0: the same call as --fuse.
     from tinyddpm.inception import load_inception
-    from tinyddpm.statistics import statistics_from_uint8
-    train, _ = load_cifar10(CIFAR, "train", ["cat"], download=False)
+    from tinyddpm.report import Side, measure_reference
+    from tinyddpm.statistics import features_from_uint8
+
     T = gen.diffusion.num_timesteps
+    t = fusion.to_index(T // 2, T)
     x = as_float(test)
+    pairs = [(k % len(test), (k + 1) % len(test)) for k in range(n)]
     out, B = [], 50
-    for k0 in range(0, n, B):   # fusion k: test cats (2k, 2k+1) mod 1000, seed k, λ = 0.5, t = T/2, DDIM
+    for k0 in range(0, n, B):
         ks = list(range(k0, min(n, k0 + B)))
-        a = x[[(2 * k) % len(test) for k in ks]]
-        b = x[[(2 * k + 1) % len(test) for k in ks]]
-        t = fusion.to_index(T // 2, T)
+        a, b = x[[pairs[k][0] for k in ks]], x[[pairs[k][1] for k in ks]]
         eps, _ = fusion.forward_noise(ks, a.shape[1:])
         x_t = fusion.mix_noised(gen.diffusion, a, b, torch.full((len(ks),), 0.5), t, eps, eps)
         out.append(gen.sample(ks, None, "ddim", steps, 0.0, 1.0, True, x_start=x_t, t_start=t).cpu())
         print(f"{ks[-1] + 1}/{n} fusions ({time.time() - t0:.0f}s)", flush=True)
-    out = torch.cat(out)
-    fused = to_uint8(out)
+    fused = to_uint8(torch.cat(out))  # uint8 [n, 32, 32, 3]
+    np.save("/tmp/fusions.npy", fused)
+    mix = ((test[[p[0] for p in pairs]].astype(np.float64) + test[[p[1] for p in pairs]]) / 2).round()
     model = load_inception(device="cpu")
-    mu_f, s_f = statistics_from_uint8(fused, model)
-    mu_te, s_te = statistics_from_uint8(test, model)
-    mu_tr, s_tr = statistics_from_uint8(train[:1000], model)
-    mu_tr_n, s_tr_n = statistics_from_uint8(train[:n], model)
-    print(f"FID fusions (N={n}, λ=0.5, t={T // 2}, DDIM {steps}) vs 1000 test cats: "
-          f"{frechet_distance(mu_f, s_f, mu_te, s_te):.1f}")
-    print(f"FID floor: 1000 train cats vs 1000 test cats: {frechet_distance(mu_tr, s_tr, mu_te, s_te):.1f}")
-    print(f"FID floor at the fusions' N: {n} train cats vs 1000 test cats: "
-          f"{frechet_distance(mu_tr_n, s_tr_n, mu_te, s_te):.1f}")
-    print(f"pixel-mix baseline: {n} λ=0.5 pixel averages vs 1000 test cats: ", end="")
-    mix = ((test[[(2 * k) % 1000 for k in range(n)]].astype(np.float64) +
-            test[[(2 * k + 1) % 1000 for k in range(n)]]) / 2).round().astype(np.uint8)
-    mu_m, s_m = statistics_from_uint8(mix, model)
-    print(f"{frechet_distance(mu_m, s_m, mu_te, s_te):.1f} ({time.time() - t0:.0f}s)")
+    cache = ".cache/fid"
+    ref = measure_reference("cifar10:cat:test", model, CIFAR, cache, 50, "cpu")
+    train_ref = measure_reference("cifar10:cat:train:1000", model, CIFAR, cache, 50, "cpu")
+    floor = measure_reference(f"cifar10:cat:train:{n}", model, CIFAR, cache, 50, "cpu")
+    sides = {"fusions": Side(features_from_uint8(fused, model)),
+             "pixel mix": Side(features_from_uint8(mix.astype(np.uint8), model))}
+    print(f"N = {n}, λ = 0.5, t = {T // 2} of {T}, shared noise, DDIM {steps} steps, step {gen.step}")
+    print(f"floor: {n} train cats vs the 1000 test cats: FID {floor.fid(ref):.2f}, KID×1e3 {1e3 * floor.kid(ref)[0]:.2f}")
+    for name, side in sides.items():
+        print(f"{name}: vs the 1000 test cats (their inputs) FID {side.fid(ref):.2f}, KID×1e3 "
+              f"{1e3 * side.kid(ref)[0]:.2f}; vs 1000 train cats (independent) FID {side.fid(train_ref):.2f}")
+    print(f"({time.time() - t0:.0f}s)")

@@ -142,22 +142,8 @@ def plan(args, gen, n):
 
 
 # ------------------------------------------------------------------------------------------------ the work
-def _fid(a_mu, a_sigma, b_mu, b_sigma):
-    from .distance import frechet_distance
-
-    with warnings.catch_warnings():  # the small-N warning is said once, in the report's own words
-        warnings.simplefilter("ignore")
-        return frechet_distance(a_mu, a_sigma, b_mu, b_sigma)
-
-
-def _kid(a, b, seed):
-    from .distance import kernel_inception_distance
-
-    return None if a is None or b is None else kernel_inception_distance(a, b, seed=seed)
-
-
-class _Side:
-    """One side of an FID: mu/sigma, plus features when known (KID needs them; a .npz stats file has none)."""
+class Side:
+    """One side of an FID: mu/sigma, plus the features when known (KID needs them; a .npz stats file has none)."""
 
     def __init__(self, feats=None, mu=None, sigma=None, n=None):
         from .statistics import statistics_from_features
@@ -166,15 +152,30 @@ class _Side:
         self.mu, self.sigma = (mu, sigma) if feats is None else statistics_from_features(feats)
         self.n = len(feats) if feats is not None else n
 
+    def fid(self, other):
+        from .distance import frechet_distance
+
+        with warnings.catch_warnings():  # the small-N warning is said once, in the report's own words
+            warnings.simplefilter("ignore")
+            return frechet_distance(self.mu, self.sigma, other.mu, other.sigma)
+
+    def kid(self, other, seed=0):
+        """(mean, std) over subsets, or None when a side has no features."""
+        from .distance import kernel_inception_distance
+
+        if self.feats is None or other.feats is None:
+            return None
+        return kernel_inception_distance(self.feats, other.feats, seed=seed)
+
 
 def measure_reference(spec, model, data_dir, cache_dir, batch_size, device):
-    """A reference or floor (dataset reference, folder, .npy array or .npz stats) → _Side, features cached."""
+    """A reference or floor (dataset reference, folder, .npy array or .npz stats) → Side, features cached."""
     from .statistics import cached_features, resolve_source
 
     source = resolve_source(spec, data_dir)
     if source.kind == "stats":
-        return _Side(mu=source.mu, sigma=source.sigma)
-    return _Side(cached_features(source, model, cache_dir, batch_size, device))
+        return Side(mu=source.mu, sigma=source.sigma)
+    return Side(cached_features(source, model, cache_dir, batch_size, device))
 
 
 def _settings(args, gen):
@@ -231,18 +232,17 @@ def run(args, gen):
         t_gen = time.perf_counter()
         images = generate(gen, row, n, args, settings, progress)
         gen_seconds = time.perf_counter() - t_gen
-        fake = _Side(features_from_uint8(images, model, args.batch_size, gen.device, progress=True))
+        fake = Side(features_from_uint8(images, model, args.batch_size, gen.device, progress=True))
         suffix = "" if len(rows) == 1 else f"_{row.label}"
         _save_array(images, os.path.join(args.out, f"report_images{suffix}.npy"))
         save_png(make_grid(images[:GRID_IMAGES]), os.path.join(args.out, f"report_grid{suffix}.png"))
-        fid = _fid(fake.mu, fake.sigma, ref.mu, ref.sigma)
-        floor_fid = None if floor is None else _fid(floor.mu, floor.sigma, ref.mu, ref.sigma)
+        fid, floor_fid = fake.fid(ref), None if floor is None else floor.fid(ref)
         results.append(dict(
             condition=row.label if row.cond_index is not None else None, reference=row.ref,
             reference_images=ref.n, floor_reference=None if row.floor is None else row.floor.spec,
             fid=fid, floor=floor_fid, ratio=None if floor_fid is None else fid / floor_fid,
-            kid=_kid(fake.feats, ref.feats, args.seed), floor_kid=None if floor is None else
-            _kid(floor.feats, ref.feats, args.seed), generate_seconds=gen_seconds,
+            kid=fake.kid(ref, args.seed), floor_kid=None if floor is None else floor.kid(ref, args.seed),
+            generate_seconds=gen_seconds,
             seconds=time.perf_counter() - t_row))
     summary = dict(ckpt=os.fspath(args.ckpt), model=gen.kind, step=gen.step, n=n, seed=args.seed, **settings,
                    ema=not args.raw, device=str(gen.device), inception=model.weights_id, results=results,
