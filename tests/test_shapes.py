@@ -158,3 +158,13 @@ def test_render_scene_rejects_bad_objects():
         shapes.render_scene([("red", "cone")])
     with pytest.raises(UserError, match="unknown split"):
         shapes.make_dataset("val", 4)
+
+
+def test_shapes_are_not_flipped_by_default():
+    """The renderer lights scenes from the upper left, so mirrored scenes are off unless --flip is given."""
+    from tinyddpm.config import build_config
+
+    assert build_config("tiny", {"data": {"dataset": "shapes"}}).data.flip is False
+    assert build_config("tiny", {"data": {"dataset": "shapes", "flip": True}}).data.flip is True
+    assert build_config("tiny", {"data": {"dataset": "cifar"}}).data.flip is True
+    assert build_config("tiny", {}).data.flip is True  # cifar is the default dataset

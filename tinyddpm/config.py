@@ -186,13 +186,19 @@ def user_overrides(args):
 GAN_PRESET_CHANGES = {"tiny": dict(train=dict(lr=2e-4, batch_size=64))}
 
 
+# Defaults that depend on the data: a shapes scene is lit from the upper left, so a mirrored scene is one the
+# renderer never makes (its highlights on the wrong side); flips stay available with --flip.
+DATASET_CHANGES = {"shapes": dict(data=dict(flip=False))}
+
+
 def build_config(preset: str, overrides: dict, model: str = "ddpm") -> RunConfig:
-    """Defaults ← preset ← user flags."""
+    """Defaults ← preset ← (GAN changes) ← dataset changes ← user flags."""
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     d = RunConfig(model=model, preset=preset).to_dict()
     gan_layer = GAN_PRESET_CHANGES.get(preset, {}) if model == "dcgan" else {}
-    for layer in (PRESETS[preset], gan_layer, overrides):
+    dataset_layer = DATASET_CHANGES.get(overrides.get("data", {}).get("dataset", d["data"]["dataset"]), {})
+    for layer in (PRESETS[preset], gan_layer, dataset_layer, overrides):
         for section, values in layer.items():
             d[section].update(values)
     return RunConfig.from_dict(d)
