@@ -8,6 +8,17 @@ import tempfile
 
 from .errors import UserError
 
+NEW_FILE_MODE = 0o666  # what open() asks for; the umask takes its bits away
+
+
+def file_mode():
+    """The mode a plain open() would give a new file now. mkstemp makes 0600 files, but a sample or checkpoint
+    should be readable by group members or a web server like any other output. (Reading the umask means setting
+    it; the two calls are back to back.)"""
+    umask = os.umask(0)
+    os.umask(umask)
+    return NEW_FILE_MODE & ~umask
+
 
 def atomic_write_bytes(path, data: bytes):
     """Write `data` to `path` atomically. Raises UserError if the folder cannot be written."""
@@ -23,6 +34,7 @@ def atomic_write_bytes(path, data: bytes):
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except OSError as e:
         try:
