@@ -1,7 +1,9 @@
 """Fusion/interpolation figures for docs/fusion.md (run from the repo root; CPU).
 
     OMP_NUM_THREADS=1 python benchmarks/fusion_figures.py psnr CKPT [n_images=8] [steps=50]
-    OMP_NUM_THREADS=1 python benchmarks/fusion_figures.py fid  CKPT [n_fusions=1000] [steps=50]
+    OMP_NUM_THREADS=1 python benchmarks/fusion_figures.py fid  CKPT [n_fusions=1000] [steps=50] [mix]
+
+`fid` with `mix` also scores the plain pixel average of the same pairs (a baseline: what fusion adds).
 """
 import sys, time
 import numpy as np, torch
@@ -58,8 +60,9 @@ else:
     ref = measure_reference("cifar10:cat:test", model, CIFAR, cache, 50, "cpu")
     train_ref = measure_reference("cifar10:cat:train:1000", model, CIFAR, cache, 50, "cpu")
     floor = measure_reference(f"cifar10:cat:train:{n}", model, CIFAR, cache, 50, "cpu")
-    sides = {"fusions": Side(features_from_uint8(fused, model)),
-             "pixel mix": Side(features_from_uint8(mix.astype(np.uint8), model))}
+    sides = {"fusions": Side(features_from_uint8(fused, model))}
+    if sys.argv[5:] == ["mix"]:
+        sides["pixel mix"] = Side(features_from_uint8(mix.astype(np.uint8), model))
     print(f"N = {n}, λ = 0.5, t = {T // 2} of {T}, shared noise, DDIM {steps} steps, step {gen.step}")
     print(f"floor: {n} train cats vs the 1000 test cats: FID {floor.fid(ref):.2f}, KID×1e3 {1e3 * floor.kid(ref)[0]:.2f}")
     for name, side in sides.items():

@@ -84,3 +84,13 @@ def test_mmd_unbiased_expectation():
     vals = [mmd2_unbiased(rng.standard_normal((50, 8)), rng.standard_normal((50, 8))) for _ in range(200)]
     assert abs(np.mean(vals)) < 3 * np.std(vals) / np.sqrt(len(vals))
     assert min(vals) < 0 < max(vals)
+
+
+def test_kid_of_whole_sets_is_one_mmd():
+    """With subsets as large as both sets every subset is the full set: one MMD², std 0 (not 100 equal values)."""
+    rng = np.random.default_rng(9)
+    a, b = rng.standard_normal((30, 8)), rng.standard_normal((30, 8)) + 0.3
+    mean, std = kernel_inception_distance(a, b, subsets=5, subset_size=100)
+    assert mean == pytest.approx(mmd2_unbiased(a, b), rel=1e-12) and std == 0.0
+    _, std_smaller = kernel_inception_distance(a, b, subsets=5, subset_size=20)
+    assert std_smaller > 0

@@ -69,11 +69,14 @@ def mmd2_unbiased(x, y):
 
 def kernel_inception_distance(feats1, feats2, subsets=KID_SUBSETS, subset_size=KID_SUBSET_SIZE, seed=0):
     """KID: unbiased MMD² averaged over `subsets` random subsets of min(subset_size, N1, N2) features from each
-    side (drawn without replacement within a subset). Returns (mean, std) over the subsets."""
+    side (drawn without replacement within a subset). Returns (mean, std) over the subsets. When both sides have
+    exactly that many features every subset is the full set, so the value is computed once (std 0)."""
     f1, f2 = np.asarray(feats1, np.float64), np.asarray(feats2, np.float64)
     size = min(subset_size, len(f1), len(f2))
     if size < 2:
         raise ValueError("KID needs at least 2 samples on each side")
+    if size == len(f1) == len(f2):  # every subset would be the whole of both sets: one value, no spread
+        return float(mmd2_unbiased(f1, f2)), 0.0
     rng = np.random.default_rng(seed)
     values = [mmd2_unbiased(f1[rng.choice(len(f1), size, replace=False)],
                             f2[rng.choice(len(f2), size, replace=False)]) for _ in range(subsets)]
