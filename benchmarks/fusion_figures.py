@@ -1,7 +1,7 @@
 """Fusion/interpolation figures for docs/fusion.md (run from the repo root; CPU).
 
     OMP_NUM_THREADS=1 python benchmarks/fusion_figures.py psnr CKPT [n_images=8] [steps=50]
-    OMP_NUM_THREADS=1 python benchmarks/fusion_figures.py fid  CKPT [n_fusions=1000] [steps=50] [mix]
+    OMP_NUM_THREADS=1 python benchmarks/fusion_figures.py fid  CKPT [n_fusions=1000] [steps=50] [eta=0] [mix]
 
 `fid` with `mix` also scores the plain pixel average of the same pairs (a baseline: what fusion adds).
 """
@@ -17,6 +17,7 @@ CIFAR = ".cache/cifar"
 mode, ckpt = sys.argv[1], sys.argv[2]
 n = int(sys.argv[3]) if len(sys.argv) > 3 else (8 if mode == "psnr" else 1000)
 steps = int(sys.argv[4]) if len(sys.argv) > 4 else 50
+eta = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0
 gen = Generator(ckpt, torch.device("cpu"))
 print(f"checkpoint step {gen.step}, T = {gen.diffusion.num_timesteps}", flush=True)
 test, _ = load_cifar10(CIFAR, "test", ["cat"], download=False)           # uint8 [1000, 32, 32, 3]
@@ -50,7 +51,7 @@ else:
         a, b = x[[pairs[k][0] for k in ks]], x[[pairs[k][1] for k in ks]]
         eps, _ = fusion.forward_noise(ks, a.shape[1:])
         x_t = fusion.mix_noised(gen.diffusion, a, b, torch.full((len(ks),), 0.5), t, eps, eps)
-        out.append(gen.sample(ks, None, "ddim", steps, 0.0, 1.0, True, x_start=x_t, t_start=t).cpu())
+        out.append(gen.sample(ks, None, "ddim", steps, eta, 1.0, True, x_start=x_t, t_start=t).cpu())
         print(f"{ks[-1] + 1}/{n} fusions ({time.time() - t0:.0f}s)", flush=True)
     fused = to_uint8(torch.cat(out))  # uint8 [n, 32, 32, 3]
     np.save("/tmp/fusions.npy", fused)
@@ -61,9 +62,9 @@ else:
     train_ref = measure_reference("cifar10:cat:train:1000", model, CIFAR, cache, 50, "cpu")
     floor = measure_reference(f"cifar10:cat:train:{n}", model, CIFAR, cache, 50, "cpu")
     sides = {"fusions": Side(features_from_uint8(fused, model))}
-    if sys.argv[5:] == ["mix"]:
+    if sys.argv[6:] == ["mix"]:
         sides["pixel mix"] = Side(features_from_uint8(mix.astype(np.uint8), model))
-    print(f"N = {n}, λ = 0.5, t = {T // 2} of {T}, shared noise, DDIM {steps} steps, step {gen.step}")
+    print(f"N = {n}, λ = 0.5, t = {T // 2} of {T}, shared noise, DDIM {steps} steps, η = {eta:g}, step {gen.step}")
     print(f"floor: {n} train cats vs the 1000 test cats: FID {floor.fid(ref):.2f}, KID×1e3 {1e3 * floor.kid(ref)[0]:.2f}")
     for name, side in sides.items():
         print(f"{name}: vs the 1000 test cats (their inputs) FID {side.fid(ref):.2f}, KID×1e3 "
