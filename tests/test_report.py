@@ -142,14 +142,14 @@ def test_class_model_gives_one_row_per_class(ckpts, fake, cifar_root, tmp_path, 
 
     monkeypatch.setattr(Generator, "images", spy)
     code, out, err = run_script(sample, _report(ckpts["cond"], tmp_path, "--data-dir", cifar_root,
-                                                "--cfg-scale", "2"), capsys)
+                                                "--cfg-scale", "2", "--eta", "1"), capsys)
     assert code == 0, err
     r = _json(tmp_path)
-    assert r["cfg_scale"] == 2.0
+    assert r["cfg_scale"] == 2.0 and r["eta"] == 1.0
     assert [(x["condition"], x["reference"], x["floor_reference"]) for x in r["results"]] == [
         ("cat", "cifar10:cat:test", f"cifar10:cat:train:{N}"), ("frog", "cifar10:frog:test", f"cifar10:frog:train:{N}")]
     assert (tmp_path / "rep" / "report_images_cat.npy").is_file() and (tmp_path / "rep" / "report_grid_frog.png").is_file()
-    assert "w = 2" in out and out.count("| cifar10:") == 2
+    assert "| ddim 2, η = 1, w = 2 |" in out and out.count("| cifar10:") == 2
     # Each row asks the model for its own class (index in the checkpoint's class list), from the same seeds.
     seeds = list(range(N))
     assert conds == [(seeds, [0] * N, 2.0), (seeds, [1] * N, 2.0)]

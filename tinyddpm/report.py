@@ -273,8 +273,9 @@ def _fmt(x, scale=1.0, digits=2):
 def markdown(summary):
     """The report as a Markdown table: one row per class (or one for an unconditional model)."""
     how = summary["model"] if summary["sampler"] is None else (
-        f"{summary['sampler']} {summary['steps']}" + ("" if summary["cfg_scale"] is None else
-                                                       f", w = {summary['cfg_scale']:g}"))
+        f"{summary['sampler']} {summary['steps']}"
+        + (f", η = {summary['eta']:g}" if summary["sampler"] == "ddim" and summary["eta"] else "")
+        + ("" if summary["cfg_scale"] is None else f", w = {summary['cfg_scale']:g}"))
     lines = ["| checkpoint | step | sampling | condition | N | reference | FID | floor | FID / floor "
              "| KID ×1e3 | floor KID ×1e3 | seconds |",
              "|---|---:|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
