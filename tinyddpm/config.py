@@ -85,6 +85,9 @@ class TrainConfig:
     save_every: int = field(default=2000, metadata=dict(help="steps between checkpoints"))
     grid_size: int = field(default=64, metadata=dict(help="images in each sample grid"))
     grid_steps: int = field(default=100, metadata=dict(help="DDIM steps for the sample grids"))
+    grid_eta: float = field(default=1.0, metadata=dict(
+        help="DDIM η of the sample grids: 1 (stochastic) shows what a young model has learned, where η = 0's "
+             "deterministic path turns its errors into saturated noise (README, 'Which sampler')"))
 
 
 @dataclass
@@ -206,7 +209,8 @@ def build_config(preset: str, overrides: dict, model: str = "ddpm") -> RunConfig
 
 # Fields a resumed run may change without mixing two different runs (longer training, other logging cadence).
 RESUMABLE_FIELDS = {("train", "steps"), ("train", "log_every"), ("train", "sample_every"), ("train", "save_every"),
-                    ("train", "grid_size"), ("train", "grid_steps"), ("train", "compile"), ("data", "data_dir")}
+                    ("train", "grid_size"), ("train", "grid_steps"), ("train", "grid_eta"), ("train", "compile"),
+                    ("data", "data_dir")}
 
 
 def config_differences(a: dict, b: dict):

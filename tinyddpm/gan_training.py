@@ -29,7 +29,8 @@ from .training import (NonFiniteGuard, RunFolder, StopSignals, check_train_flags
 # Config fields that only a diffusion model reads: setting one for a DCGAN is a mistake we report.
 DIFFUSION_ONLY_SECTIONS = ("unet", "diffusion")
 DIFFUSION_ONLY_FIELDS = (("cond", "cond_drop"), ("train", "warmup"), ("train", "grad_clip"),
-                         ("train", "weight_decay"), ("train", "grid_steps"), ("train", "compile"))
+                         ("train", "weight_decay"), ("train", "grid_steps"), ("train", "grid_eta"),
+                         ("train", "compile"))
 BN_CALIBRATION_IMAGES = 1024  # latents used to re-estimate the EMA generator's BatchNorm statistics
 BN_CALIBRATION_BATCH = 256
 

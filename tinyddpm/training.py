@@ -159,7 +159,7 @@ def check_diffusion_flags(cfg):
         if v < 1:
             raise _bad(flag, v, "at least 1")
     for flag, v in (("--warmup", t.warmup), ("--weight-decay", t.weight_decay), ("--grad-clip", t.grad_clip),
-                    ("--vlb-weight", df.vlb_weight)):
+                    ("--vlb-weight", df.vlb_weight), ("--grid-eta", t.grid_eta)):
         if not (math.isfinite(v) and v >= 0):
             raise _bad(flag, v, "0 or more")
     if not u.channel_mults or min(u.channel_mults) < 1:
@@ -339,7 +339,8 @@ def save_grid(ema_model, diffusion, cfg, label_info, device, path):
     n = cfg.train.grid_size
     cond = grid_condition(label_info, n, device)
     shape = (3, cfg.data.image_size, cfg.data.image_size)
-    x = ddim_sample(diffusion, guided(ema_model, cond), shape, list(range(n)), device, steps=cfg.train.grid_steps)
+    x = ddim_sample(diffusion, guided(ema_model, cond), shape, list(range(n)), device, steps=cfg.train.grid_steps,
+                    eta=cfg.train.grid_eta)
     save_png(make_grid(to_uint8(x)), path)
 
 
