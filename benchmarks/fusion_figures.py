@@ -39,7 +39,7 @@ else:
     # at λ = 0.5 from t = T/2 with shared noise and seed k, then DDIM back to 0: the same call as --fuse.
     from tinyddpm.inception import load_inception
     from tinyddpm.report import Side, measure_reference
-    from tinyddpm.statistics import features_from_uint8
+    from tinyddpm.statistics import features_from_uint8, resolve_source
 
     T = gen.diffusion.num_timesteps
     t = fusion.to_index(T // 2, T)
@@ -58,9 +58,8 @@ else:
     mix = ((test[[p[0] for p in pairs]].astype(np.float64) + test[[p[1] for p in pairs]]) / 2).round()
     model = load_inception(device="cpu")
     cache = ".cache/fid"
-    ref = measure_reference("cifar10:cat:test", model, CIFAR, cache, 50, "cpu")
-    train_ref = measure_reference("cifar10:cat:train:1000", model, CIFAR, cache, 50, "cpu")
-    floor = measure_reference(f"cifar10:cat:train:{n}", model, CIFAR, cache, 50, "cpu")
+    ref, train_ref, floor = (measure_reference(resolve_source(spec, CIFAR), model, cache, 50, "cpu")
+                             for spec in ("cifar10:cat:test", "cifar10:cat:train:1000", f"cifar10:cat:train:{n}"))
     sides = {"fusions": Side(features_from_uint8(fused, model))}
     if sys.argv[6:] == ["mix"]:
         sides["pixel mix"] = Side(features_from_uint8(mix.astype(np.uint8), model))

@@ -12,7 +12,6 @@ import shutil
 import sys
 import tarfile
 import tempfile
-import urllib.request
 from dataclasses import dataclass
 from typing import Optional
 
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
+from .files import download
 from .imageio import list_images, load_rgb, resize_center_crop
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -29,7 +29,7 @@ CIFAR10_TARBALL = "cifar-10-python.tar.gz"
 CIFAR10_FOLDER = "cifar-10-batches-py"  # the tarball's single top-level folder
 CIFAR10_SPLITS = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
 CIFAR10_SIZE = 32
-CHUNK = 1 << 20  # bytes per read when downloading and hashing
+CHUNK = 1 << 20  # bytes per read when hashing
 FLIP_PROB = 0.5
 SEED_MODULUS = 2**64  # numpy seeds must be non-negative; a negative --seed maps to its two's complement
 EXTRACT_FILTER = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python ≥ 3.11.4: belt and braces
@@ -70,27 +70,20 @@ def _where_to_put(root):
 
 
 def _download(url, dest, md5, timeout):
-    """Stream `url` into a temp file beside `dest`, check its md5, then rename. Nothing is left behind on failure."""
+    """Download the tarball to `dest` (temp file, md5 checked, renamed); every failure is one UserError."""
     folder = os.path.dirname(dest)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(dest) + ".", suffix=".part", dir=folder)
-    h = hashlib.md5(usedforsecurity=False)
+
+    def check(got):
+        if md5 and got != md5:
+            raise UserError(f"downloaded {url} has md5 {got}, expected {md5} (corrupt or wrong file; deleted it); "
+                            f"run again or {_where_to_put(folder)}")
+
     try:
-        try:
-            with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as r:
-                print(f"downloading CIFAR-10 from {url} into {folder}", file=sys.stderr)
-                for block in iter(lambda: r.read(CHUNK), b""):
-                    f.write(block)
-                    h.update(block)
-        except (OSError, ValueError, http.client.HTTPException) as e:  # URLError, timeout, refused, cut, disk full
-            reason = str(getattr(e, "reason", None) or e).replace("\n", " ")
-            raise UserError(f"cannot download CIFAR-10 ({reason}); {_where_to_put(folder)}") from None
-        if md5 and h.hexdigest() != md5:
-            raise UserError(f"downloaded {url} has md5 {h.hexdigest()}, expected {md5} (corrupt or wrong file; "
-                            f"deleted it); run again or {_where_to_put(folder)}")
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        download(url, dest, "md5", check, timeout,
+                 announce=lambda: print(f"downloading CIFAR-10 from {url} into {folder}", file=sys.stderr))
+    except (OSError, ValueError, http.client.HTTPException) as e:  # URLError, timeout, refused, cut, disk full
+        reason = str(getattr(e, "reason", None) or e).replace("\n", " ")
+        raise UserError(f"cannot download CIFAR-10 ({reason}); {_where_to_put(folder)}") from None
 
 
 def _safe_extract(tar_path, root):

@@ -2,12 +2,15 @@
 
 A reader (or a resumed run after SIGKILL) sees either the old file or the complete new one, never half of one.
 """
+import hashlib
 import io
 import os
 import tempfile
+import urllib.request
 
 from .errors import UserError
 
+DOWNLOAD_CHUNK = 1 << 20  # bytes per read while downloading
 NEW_FILE_MODE = 0o666  # what open() asks for; the umask takes its bits away
 
 
@@ -67,3 +70,29 @@ def check_output_dir(path):
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"output path {path} is a file, not a folder; pass a folder path with --out")
     return path
+
+
+def download(url, dest, algorithm, check, timeout=60, announce=None):
+    """Stream `url` into a temp file beside `dest`, hashing it as it arrives; rename it to `dest` only after
+    `check(hexdigest)` returns (it raises for a wrong file). Nothing half-written or wrong is ever left behind.
+
+    Network and disk errors propagate (OSError, ValueError, http.client.HTTPException) for the caller to word;
+    `announce()` is called once the connection is open."""
+    folder = os.path.dirname(os.path.abspath(dest))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(dest) + ".", suffix=".part", dir=folder)
+    digest = hashlib.new(algorithm, usedforsecurity=False)  # integrity, not security
+    try:
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as r:
+            if announce:
+                announce()
+            for block in iter(lambda: r.read(DOWNLOAD_CHUNK), b""):
+                f.write(block)
+                digest.update(block)
+        check(digest.hexdigest())
+        os.chmod(tmp, file_mode())
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return dest

@@ -23,8 +23,8 @@ from .ema import EMA
 from .errors import UserError
 from .imageio import make_grid, save_png, to_uint8
 from .models import build_gan
-from .training import (NonFiniteGuard, RunFolder, StopSignals, check_train_flags, format_eta, grid_condition,
-                       load_run_checkpoint, load_training_data, rng_state, say, set_rng_state)
+from .training import (NonFiniteGuard, RunFolder, StopSignals, check_train_flags, due, grid_condition,
+                       load_run_checkpoint, load_training_data, rng_state, say, set_rng_state, throughput)
 
 # Config fields that only a diffusion model reads: setting one for a DCGAN is a mistake we report.
 DIFFUSION_ONLY_SECTIONS = ("unet", "diffusion")
@@ -153,16 +153,12 @@ def train_gan(cfg, out, device, log=say):
             n_since += 1
 
             stop = signals.should_stop(step, device) and step < tcfg.steps
-            report = step % tcfg.log_every == 0 or step == tcfg.steps
-            grid_due = step % tcfg.sample_every == 0 or step == tcfg.steps
-            save_due = step % tcfg.save_every == 0 or step == tcfg.steps or stop
+            report, grid_due, save_due = due(step, tcfg, stop)
             if report or grid_due or save_due:
                 guard.check(run, last_saved or None)  # names the first NaN/Inf step; nothing is saved after it
             if report:
                 d_loss, g_loss, d_real, d_fake = (sums / n_since).tolist()
-                dt = time.perf_counter() - t0
-                ips = n_since * b / dt
-                eta = format_eta((tcfg.steps - step) * b / ips)
+                ips, eta = throughput(n_since, b, time.perf_counter() - t0, tcfg.steps - step)
                 noise = instance_noise_std(cfg.gan, step - 1, tcfg.steps)
                 log(f"step {step}/{tcfg.steps} | D {d_loss:.3f} | G {g_loss:.3f} | D(x) {d_real:.2f} | "
                     f"D(G(z)) {d_fake:.2f} | noise {noise:.3f} | {ips:.1f} img/s | ETA {eta}")

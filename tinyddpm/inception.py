@@ -10,8 +10,6 @@ an exact key map.
 import hashlib
 import importlib.util
 import os
-import tempfile
-import urllib.request
 import warnings
 import zipfile
 
@@ -20,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import UserError
+from .files import download
 
 INPUT_SIZE = 299  # the graph's input resolution
 FEATURE_DIM = 2048  # width of the pool3 features that FID and KID are computed on
@@ -272,24 +271,17 @@ def _fid_helper_file():
     return os.path.join(list(spec.submodule_search_locations)[0], "default_1.pt")
 
 
+WEIGHTS_TIMEOUT_S = 30
+
+
 def _download(url, dest, sha256_prefix):
     """Download to a temp file beside `dest`, check the hash, then rename: never a half or wrong file."""
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(dest), suffix=".part", dir=os.path.dirname(dest))
-    try:
-        digest = hashlib.sha256()
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=30) as r:
-            while chunk := r.read(1 << 20):
-                f.write(chunk)
-                digest.update(chunk)
-        if not digest.hexdigest().startswith(sha256_prefix):
-            raise UserError(f"downloaded {url} has the wrong SHA-256 ({digest.hexdigest()[:8]}…, expected "
-                            f"{sha256_prefix}…); try again or pass --weights")
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return dest
+    def check(got):
+        if not got.startswith(sha256_prefix):
+            raise UserError(f"downloaded {url} has the wrong SHA-256 ({got[:8]}…, expected {sha256_prefix}…); "
+                            "try again or pass --weights")
+
+    return download(url, dest, "sha256", check, WEIGHTS_TIMEOUT_S)
 
 
 def find_weights(weights=None, download=True):

@@ -168,11 +168,11 @@ class Side:
         return kernel_inception_distance(self.feats, other.feats, seed=seed)
 
 
-def measure_reference(spec, model, data_dir, cache_dir, batch_size, device):
-    """A reference or floor (dataset reference, folder, .npy array or .npz stats) → Side, features cached."""
-    from .statistics import cached_features, resolve_source
+def measure_reference(source, model, cache_dir, batch_size, device):
+    """A reference or floor Source (statistics.resolve_source: dataset reference, folder, .npy array or .npz
+    stats) → Side, its features cached."""
+    from .statistics import cached_features
 
-    source = resolve_source(spec, data_dir)
     if source.kind == "stats":
         return Side(mu=source.mu, sigma=source.sigma)
     return Side(cached_features(source, model, cache_dir, batch_size, device))
@@ -209,8 +209,11 @@ def run(args, gen):
     rows = plan(args, gen, n)
     data_dir = args.data_dir or gen.cfg.data.data_dir
     cache_dir = args.cache_dir or default_cache_dir()
-    for row in rows:  # fail on a reference that is too small or unreadable before generating anything
-        source = resolve_source(row.ref, data_dir)
+    # Every reference and floor is read (and checked) before anything slow starts.
+    sources = {spec: resolve_source(spec, data_dir) for row in rows
+               for spec in (row.ref, None if row.floor is None else row.floor.spec) if spec is not None}
+    for row in rows:
+        source = sources[row.ref]
         if source.kind != "stats" and n > len(source):
             raise UserError(f"--n {n} is more than the {len(source)} images of the reference {row.ref}; use "
                             f"--n {len(source)} or less (the floor must compare as many real images)")
@@ -221,8 +224,8 @@ def run(args, gen):
     results = []
     for row in rows:
         t_row = time.perf_counter()
-        ref = measure_reference(row.ref, model, data_dir, cache_dir, args.batch_size, gen.device)
-        floor = None if row.floor is None else measure_reference(row.floor.spec, model, data_dir, cache_dir,
+        ref = measure_reference(sources[row.ref], model, cache_dir, args.batch_size, gen.device)
+        floor = None if row.floor is None else measure_reference(sources[row.floor.spec], model, cache_dir,
                                                                  args.batch_size, gen.device)
 
         def progress(done, total):

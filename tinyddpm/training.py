@@ -112,6 +112,20 @@ class RunFolder:
         return os.path.join(self.samples, f"step_{step:07d}.png")
 
 
+def due(step, tcfg, stopping):
+    """(report, grid, save): what is due after `step` — every log/sample/save_every steps and at the last step;
+    a checkpoint also when a signal stops the run. Shared by the diffusion and GAN loops."""
+    last = step == tcfg.steps
+    return (step % tcfg.log_every == 0 or last, step % tcfg.sample_every == 0 or last,
+            step % tcfg.save_every == 0 or last or stopping)
+
+
+def throughput(steps, batch, seconds, steps_left):
+    """(images/s over the last `steps` steps of `batch` images, ETA string for `steps_left` more)."""
+    ips = steps * batch / seconds
+    return ips, format_eta(steps_left * batch / ips)
+
+
 def format_eta(seconds):
     if not math.isfinite(seconds):
         return "?"
@@ -460,17 +474,13 @@ def train(cfg, out, device, log=say, skip_nonfinite=False):
             n_since += 1
 
             stop = signals.should_stop(step, device) and step < tcfg.steps
-            report = step % tcfg.log_every == 0 or step == tcfg.steps
-            grid = step % tcfg.sample_every == 0 or step == tcfg.steps
-            save = step % tcfg.save_every == 0 or step == tcfg.steps or stop
+            report, grid, save = due(step, tcfg, stop)
             if report or grid or save:
                 guard.check(run, last_saved)  # nothing is logged or saved after a NaN/Inf
             if report:
                 # Mean over the steps taken since the last report, averaged over the processes' shards.
                 loss_avg = dist.all_reduce_(loss_sum).item() / world / n_updates if n_updates else float("nan")
-                dt = time.perf_counter() - t0
-                ips = n_since * tcfg.batch_size / dt
-                eta = format_eta((tcfg.steps - step) * tcfg.batch_size / ips)
+                ips, eta = throughput(n_since, tcfg.batch_size, time.perf_counter() - t0, tcfg.steps - step)
                 skipped = f" | {guard.skipped} NaN/Inf steps skipped" if guard.skipped else ""
                 log(f"step {step}/{tcfg.steps} | loss {loss_avg:.4f} | lr {lr_at(step - 1, tcfg):.2e} | "
                     f"{ips:.1f} img/s | ETA {eta}{skipped}")
