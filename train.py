@@ -70,6 +70,10 @@ def main(argv=None):
     device = distributed.setup(resolve_device(args.device))  # under torchrun: join the group, take this rank's GPU
     try:
         run = train_from_args(args, device)
+        # Rank 0 may still be writing the last grid and checkpoint; tearing the group down while another rank is
+        # mid-write can abort the process (gloo: "terminate called without an active exception"). On an error
+        # there is no barrier, so a failing rank never waits for the others.
+        distributed.barrier()
     finally:
         distributed.cleanup()
     stopped = getattr(run, "stopped_by", None)
