@@ -13,7 +13,7 @@ from .devices import autocast
 from .errors import UserError
 from .imageio import to_uint8
 from .models import build_diffusion, build_gan, build_unet
-from .samplers import ddim_sample, ddpm_sample, guided
+from .samplers import guided, sample as run_sampler
 
 
 DEFAULT_DDIM_STEPS = 100  # DDIM steps when --steps is not given
@@ -97,9 +97,8 @@ class Generator:
         shape = (3, self.image_size, self.image_size)
         fn = self.model_fn(cond, cfg_scale)
         with autocast(self.device):
-            if sampler == "ddpm":
-                return ddpm_sample(self.diffusion, fn, shape, seeds, self.device, clip_x0, x_start, t_start)
-            return ddim_sample(self.diffusion, fn, shape, seeds, self.device, steps, eta, clip_x0, x_start, t_start)
+            return run_sampler(sampler, self.diffusion, fn, shape, seeds, self.device, steps, eta, clip_x0,
+                               x_start, t_start)
 
     def images(self, seeds, cond=None, batch_size=256, progress=None, **kw):
         """uint8 [N, S, S, 3], generated in batches; progress(done, total) after each batch."""

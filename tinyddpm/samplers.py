@@ -126,3 +126,18 @@ def guided(model, cond=None, drop=None, cfg_scale=1.0):
         return torch.cat([mean, out_c[:, c:]], dim=1)
 
     return fn
+
+
+# --- one entry point for every caller (sample.py, fusion, the report, --eval-labels, training grids) -------------
+SAMPLERS = ("ddim", "ddpm")
+
+
+def sample(name, diffusion, model_fn, shape, seeds, device, steps=50, eta=0.0, clip_x0=True,
+           x_start=None, t_start=None, progress=None):
+    """Run the sampler called `name` (one of SAMPLERS); `steps` is ignored by "ddpm", which takes every step."""
+    if name == "ddpm":
+        return ddpm_sample(diffusion, model_fn, shape, seeds, device, clip_x0, x_start, t_start, progress)
+    if name == "ddim":
+        return ddim_sample(diffusion, model_fn, shape, seeds, device, steps, eta, clip_x0, x_start, t_start,
+                           progress)
+    raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
