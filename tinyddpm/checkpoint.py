@@ -11,7 +11,7 @@ import pickle
 
 import torch
 
-from .config import RunConfig
+from .config import RunConfig, validate
 from .errors import UserError
 from .files import atomic_torch_save
 
@@ -72,7 +72,10 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         raise UserError(f"{path} holds a model of kind {ckpt.get('kind')!r}; this tinyddpm knows {MODEL_KINDS}")
     try:
         ckpt["run_config"] = RunConfig.from_dict(ckpt["config"])
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
     except (KeyError, TypeError, AttributeError, ValueError) as e:
         raise UserError(f"{path} has no readable config ({e.__class__.__name__}); the file is damaged or was edited") \
             from None
+    validate(ckpt["run_config"], where=path)  # the same checks as the command line, before anything is built
     return ckpt

@@ -7,10 +7,25 @@ overrides the preset, which overrides the dataclass default.
 """
 import argparse
 import dataclasses
+import math
+import typing
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
 from .errors import UserError
+
+# Upper bounds on sizes: far beyond any sensible run, they turn a typo (an extra zero or six) into one line
+# instead of an out-of-memory traceback minutes later.
+MAX_IMAGE_SIZE = 1024
+MAX_WIDTH = 4096  # channels of a layer, latent size, attention heads
+MAX_MULT = 64  # U-Net channel multiplier per level
+MAX_BLOCKS = 64  # residual blocks per U-Net level
+MAX_TIMESTEPS = 100_000
+MAX_BATCH = 65_536
+MAX_GRID = 1024  # images in a training sample grid
+MAX_SHAPES = 1_000_000  # rendered shapes scenes (3 KB each at 32 px, all held in memory)
+INT64 = (-2**63, 2**63 - 1)  # every int must fit in 64 bits: steps, seeds and counts become torch int64 values
+MODEL_KINDS = ("ddpm", "dcgan")
 
 
 @dataclass
@@ -20,74 +35,83 @@ class DataConfig:
     data_dir: str = field(default="data", metadata=dict(help="where datasets live (CIFAR-10 is downloaded here)"))
     classes: tuple = field(default=(), metadata=dict(flag="--class", nargs="+",
                                                      help="CIFAR-10 class names or indices (default: all)"))
-    image_size: int = field(default=32, metadata=dict(help="training resolution (folders are resized/cropped)"))
+    image_size: int = field(default=32, metadata=dict(min=1, max=MAX_IMAGE_SIZE,
+                                                  help="training resolution (folders are resized/cropped)"))
     flip: bool = field(default=True, metadata=dict(help="random horizontal flips"))
-    shapes_count: int = field(default=20_000, metadata=dict(help="scenes rendered for --dataset shapes (train)"))
+    shapes_count: int = field(default=20_000, metadata=dict(min=1, max=MAX_SHAPES,
+                                                        help="scenes rendered for --dataset shapes (train)"))
 
 
 @dataclass
 class UNetConfig:
-    base_channels: int = field(default=128, metadata=dict(help="channels at the first U-Net level"))
-    channel_mults: tuple = field(default=(1, 2, 2, 2), metadata=dict(nargs="+", type=int,
+    base_channels: int = field(default=128, metadata=dict(min=1, max=MAX_WIDTH,
+                                                       help="channels at the first U-Net level"))
+    channel_mults: tuple = field(default=(1, 2, 2, 2), metadata=dict(nargs="+", type=int, min=1, max=MAX_MULT,
+                                                                     min_items=1,
                                                                      help="channel multiplier per level"))
-    num_res_blocks: int = field(default=2, metadata=dict(help="residual blocks per level"))
-    attn_resolutions: tuple = field(default=(16,), metadata=dict(nargs="*", type=int,
+    num_res_blocks: int = field(default=2, metadata=dict(min=1, max=MAX_BLOCKS, help="residual blocks per level"))
+    attn_resolutions: tuple = field(default=(16,), metadata=dict(nargs="*", type=int, min=1, max=MAX_IMAGE_SIZE,
                                                                  help="feature-map sizes with self-attention"))
-    num_heads: int = field(default=1, metadata=dict(help="attention heads"))
-    dropout: float = field(default=0.1, metadata=dict(help="dropout in residual blocks"))
+    num_heads: int = field(default=1, metadata=dict(min=1, max=MAX_WIDTH, help="attention heads"))
+    dropout: float = field(default=0.1, metadata=dict(min=0.0, lt=1.0, help="dropout in residual blocks"))
     scale_shift_norm: bool = field(default=False, metadata=dict(help="FiLM-style GroupNorm (Nichol & Dhariwal)"))
 
 
 @dataclass
 class DiffusionConfig:
-    timesteps: int = field(default=1000, metadata=dict(help="diffusion steps T"))
+    timesteps: int = field(default=1000, metadata=dict(min=1, max=MAX_TIMESTEPS, help="diffusion steps T"))
     schedule: str = field(default="linear", metadata=dict(choices=("linear", "cosine", "sigmoid"),
                                                           help="noise schedule"))
     objective: str = field(default="eps", metadata=dict(choices=("eps", "x0", "v"), help="what the model predicts"))
     learn_sigma: bool = field(default=False, metadata=dict(help="learn the variance (hybrid loss)"))
-    vlb_weight: float = field(default=0.001, metadata=dict(help="λ of L_simple + λ·L_vlb with --learn-sigma"))
+    vlb_weight: float = field(default=0.001, metadata=dict(min=0.0,
+                                                         help="λ of L_simple + λ·L_vlb with --learn-sigma"))
 
 
 @dataclass
 class CondConfig:
     conditional: bool = field(default=False, metadata=dict(help="condition on the class / label set"))
-    cond_drop: float = field(default=0.1, metadata=dict(help="probability of dropping the condition (for CFG)"))
+    cond_drop: float = field(default=0.1, metadata=dict(min=0.0, max=1.0,
+                                                      help="probability of dropping the condition (for CFG)"))
 
 
 @dataclass
 class GANConfig:
-    z_dim: int = field(default=100, metadata=dict(help="DCGAN latent size"))
-    g_channels: int = field(default=64, metadata=dict(help="DCGAN generator width"))
-    d_channels: int = field(default=64, metadata=dict(help="DCGAN discriminator width"))
-    beta1: float = field(default=0.5, metadata=dict(help="Adam β1 for both GAN networks"))
+    z_dim: int = field(default=100, metadata=dict(min=1, max=MAX_WIDTH, help="DCGAN latent size"))
+    g_channels: int = field(default=64, metadata=dict(min=1, max=MAX_WIDTH, help="DCGAN generator width"))
+    d_channels: int = field(default=64, metadata=dict(min=1, max=MAX_WIDTH, help="DCGAN discriminator width"))
+    beta1: float = field(default=0.5, metadata=dict(min=0.0, lt=1.0, help="Adam β1 for both GAN networks"))
     label_smoothing: str = field(default="one", metadata=dict(choices=("none", "one", "two"),
                                                               help="one: real=0.9; two: also fake=0.1"))
-    instance_noise: float = field(default=0.1, metadata=dict(help="std of noise on D's inputs at step 0"))
+    instance_noise: float = field(default=0.1, metadata=dict(min=0.0, help="std of noise on D's inputs at step 0"))
     noise_anneal_steps: int = field(default=0, metadata=dict(
-        help="steps over which instance noise falls to 0 (0: half of --steps)"))
+        min=0, help="steps over which instance noise falls to 0 (0: half of --steps)"))
 
 
 @dataclass
 class TrainConfig:
-    steps: int = field(default=100_000, metadata=dict(help="optimizer steps in total"))
-    batch_size: int = field(default=128, metadata=dict(help="images per step (global batch under torchrun)"))
-    lr: float = field(default=2e-4, metadata=dict(help="learning rate"))
-    warmup: int = field(default=1000, metadata=dict(help="linear learning-rate warm-up steps"))
-    weight_decay: float = field(default=0.0, metadata=dict(help="AdamW weight decay"))
-    grad_clip: float = field(default=1.0, metadata=dict(help="gradient-norm clip (0: off)"))
-    ema_decay: float = field(default=0.9999, metadata=dict(help="EMA decay of the weights"))
+    steps: int = field(default=100_000, metadata=dict(min=1, help="optimizer steps in total"))
+    batch_size: int = field(default=128, metadata=dict(min=1, max=MAX_BATCH,
+                                                    help="images per step (global batch under torchrun)"))
+    lr: float = field(default=2e-4, metadata=dict(gt=0.0, help="learning rate"))
+    warmup: int = field(default=1000, metadata=dict(min=0, help="linear learning-rate warm-up steps"))
+    weight_decay: float = field(default=0.0, metadata=dict(min=0.0, help="AdamW weight decay"))
+    grad_clip: float = field(default=1.0, metadata=dict(min=0.0, help="gradient-norm clip (0: off)"))
+    ema_decay: float = field(default=0.9999, metadata=dict(min=0.0, max=1.0, help="EMA decay of the weights"))
     ema_warmup: bool = field(default=True, metadata=dict(
         help="EMA warm-up: decay min(decay, (1+s)/(10+s)), so early samples are not dominated by the init"))
     seed: int = field(default=0, metadata=dict(help="seed for weights, data order and noise"))
     compile: bool = field(default=False, metadata=dict(help="torch.compile the training step"))
-    log_every: int = field(default=50, metadata=dict(help="steps between progress lines"))
-    sample_every: int = field(default=2000, metadata=dict(help="steps between EMA sample grids"))
-    save_every: int = field(default=2000, metadata=dict(help="steps between checkpoints"))
-    grid_size: int = field(default=64, metadata=dict(help="images in each sample grid"))
-    grid_steps: int = field(default=100, metadata=dict(help="DDIM steps for the sample grids"))
-    grid_eta: float = field(default=1.0, metadata=dict(
+    log_every: int = field(default=50, metadata=dict(min=1, help="steps between progress lines"))
+    sample_every: int = field(default=2000, metadata=dict(min=1, help="steps between EMA sample grids"))
+    save_every: int = field(default=2000, metadata=dict(min=1, help="steps between checkpoints"))
+    grid_size: int = field(default=64, metadata=dict(min=1, max=MAX_GRID, help="images in each sample grid"))
+    grid_steps: int = field(default=100, metadata=dict(min=1, help="sampler steps for the sample grids"))
+    grid_eta: float = field(default=1.0, metadata=dict(min=0.0, max=1.0,
         help="DDIM η of the sample grids: 1 (stochastic) shows what a young model has learned, where η = 0's "
              "deterministic path turns its errors into saturated noise (README, 'Which sampler')"))
+    grid_sampler: str = field(default="ddim", metadata=dict(
+        help="sampler of the sample grids (a name from tinyddpm.samplers.SAMPLERS, e.g. ddim or ddpm)"))
 
 
 @dataclass
@@ -107,6 +131,8 @@ class RunConfig:
     @classmethod
     def from_dict(cls, d):
         """Rebuild from plain data; unknown keys are an error (a checkpoint from a newer tinyddpm)."""
+        if not isinstance(d, dict):
+            raise UserError(f"the config is {type(d).__name__}, not a table of sections")
         kwargs = {}
         for f in fields(cls):
             if f.name not in d:
@@ -114,17 +140,144 @@ class RunConfig:
             v = d[f.name]
             if f.name in SECTIONS:
                 sub = type(getattr(cls(), f.name))
+                if not isinstance(v, dict):
+                    raise UserError(f"config section {f.name!r} is {type(v).__name__}, not a table of fields")
                 known = {g.name: g for g in fields(sub)}
                 unknown = set(v) - set(known)
                 if unknown:
-                    raise UserError(f"config section {f.name!r} has unknown fields {sorted(unknown)}; "
-                                    "this checkpoint was written by a newer tinyddpm")
+                    raise UserError(f"config section {f.name!r} has unknown fields {sorted(unknown)[:5]}; it was "
+                                    "written by a newer tinyddpm, or edited")
                 v = sub(**{k: tuple(x) if isinstance(x, list) else x for k, x in v.items()})
             kwargs[f.name] = v
         return cls(**kwargs)
 
 
 SECTIONS = ("data", "unet", "diffusion", "cond", "gan", "train")
+
+
+# --- checking values: one place for flags, checkpoints and any other dataclass of options -------------------------
+TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", tuple: "a list"}
+ITEM_WORDS = {int: "integers", float: "numbers", str: "strings"}
+MAX_SHOWN = 60  # characters of a bad value quoted in an error line
+
+
+def _expected_type(hint):
+    """(type, whether None is allowed) for a field annotation: bool/int/float/str/tuple, or Optional[one of them]."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is typing.Union and type(None) in args:
+        return next(a for a in args if a is not type(None)), True
+    return typing.get_origin(hint) or hint, False
+
+
+def _has_type(value, want):
+    if want in (int, float) and isinstance(value, bool):  # True is an int to Python, not to a user
+        return False
+    return isinstance(value, (int, float) if want is float else want)
+
+
+def _bounds(meta):
+    """The metadata's bounds as [(test, words)]."""
+    lo, hi = meta.get("min"), meta.get("max")
+    out = []
+    if lo is not None and hi is not None:
+        out.append((lambda v: lo <= v <= hi, f"between {lo} and {hi}"))
+    elif lo is not None:
+        out.append((lambda v: v >= lo, f"at least {lo}"))
+    elif hi is not None:
+        out.append((lambda v: v <= hi, f"at most {hi}"))
+    if "gt" in meta:
+        out.append((lambda v: v > meta["gt"], f"greater than {meta['gt']}"))
+    if "lt" in meta:
+        out.append((lambda v: v < meta["lt"], f"less than {meta['lt']}"))
+    return out
+
+
+def _scalar_problem(value, want, meta):
+    """What `value` must be, in words, if it breaks the field's rules; None if it is fine."""
+    if not _has_type(value, want):
+        return TYPE_WORDS.get(want, want.__name__)
+    if "choices" in meta and value not in meta["choices"]:
+        return "one of " + ", ".join(map(str, meta["choices"]))
+    if want is float and not (math.isfinite(value) or (meta.get("finite") is False and not math.isnan(value))):
+        return "a finite number"
+    if want is int and not INT64[0] <= value <= INT64[1]:
+        return "a 64-bit integer (between -2**63 and 2**63 - 1)"
+    if want in (int, float):
+        bounds = _bounds(meta)
+        if not all(test(value) for test, _ in bounds):  # every test is written so that NaN fails it
+            return " and ".join(words for _, words in bounds)
+    return None
+
+
+def _field_problem(value, want, meta):
+    if want is not tuple:
+        return _scalar_problem(value, want, meta)
+    item = meta.get("type", str)
+    kind = f"a list of {ITEM_WORDS.get(item, item.__name__)}"
+    if not isinstance(value, tuple):
+        return kind
+    if len(value) < meta.get("min_items", 0):
+        return f"{kind} with at least {meta['min_items']} item(s)"
+    for x in value:
+        problem = _scalar_problem(x, item, meta)
+        if problem:
+            return f"{kind}, each {problem}" if problem != TYPE_WORDS.get(item) else kind
+    return None
+
+
+def _in_file(where, message):
+    return f"{where} holds a value that is not allowed ({message}); the file is damaged or was edited"
+
+
+def check_values(obj, where=None):
+    """Check every field of the dataclass `obj` against the rules in its metadata: one UserError line for the first
+    bad value, naming its flag. Works on any dataclass whose fields carry these (all optional) metadata keys:
+
+        choices   the allowed values
+        min, max  inclusive bounds; gt, lt exclusive bounds (of each item, for a tuple)
+        finite    False lets a float be ±inf (floats are finite by default; NaN never passes)
+        min_items the fewest items a tuple may have
+        type      the type of a tuple's items (default str)
+        flag      the flag named in messages (default "--" + the name with "-" for "_")
+
+    The type comes from the annotation (bool, int, float, str, tuple or Optional[...] of one, which also allows
+    None); ints must fit in 64 bits, and a float field takes an int. `where` None: the values came from flags
+    ("--steps must be at least 1 (got 0)"); else it names the file they came from, and the line says it is damaged.
+    """
+    hints = typing.get_type_hints(type(obj))
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        want, nullable = _expected_type(hints[f.name])
+        problem = None if value is None and nullable else _field_problem(value, want, f.metadata)
+        if problem:
+            shown = repr(list(value) if isinstance(value, tuple) else value)
+            shown = shown if len(shown) <= MAX_SHOWN else shown[:MAX_SHOWN] + "…"
+            message = f"{_flag(f)} must be {problem} (got {shown})"
+            raise UserError(message if where is None else _in_file(where, message))
+
+
+def validate(cfg, where=None):
+    """The one check of a RunConfig, whether it came from flags or from a checkpoint (`where`: its path), made before
+    anything is built or written: every field (check_values), the model kind, the grids' sampler and the networks'
+    shapes (models.check_architecture: GroupNorm widths, image size, attention heads)."""
+    from .models import check_architecture
+    from .samplers import SAMPLERS
+
+    try:
+        if cfg.model not in MODEL_KINDS:
+            raise UserError(f"--model must be one of {', '.join(MODEL_KINDS)} (got {cfg.model!r})")
+        if not isinstance(cfg.preset, str) or cfg.preset not in PRESETS:
+            raise UserError(f"--preset must be one of {', '.join(PRESETS)} (got {cfg.preset!r})")
+        for name in SECTIONS:
+            check_values(getattr(cfg, name))
+        if cfg.train.grid_sampler not in SAMPLERS:
+            raise UserError(f"--grid-sampler must be one of {', '.join(SAMPLERS)} (got {cfg.train.grid_sampler!r})")
+        check_architecture(cfg)
+    except UserError as e:
+        if where is None:
+            raise
+        raise UserError(_in_file(where, str(e))) from None
+    return cfg
 
 # Named presets: only the fields that differ from the defaults above.
 PRESETS = {
@@ -209,7 +362,8 @@ def build_config(preset: str, overrides: dict, model: str = "ddpm") -> RunConfig
 
 # Fields a resumed run may change without mixing two different runs (longer training, other logging cadence).
 RESUMABLE_FIELDS = {("train", "steps"), ("train", "log_every"), ("train", "sample_every"), ("train", "save_every"),
-                    ("train", "grid_size"), ("train", "grid_steps"), ("train", "grid_eta"), ("train", "compile"),
+                    ("train", "grid_size"), ("train", "grid_steps"), ("train", "grid_eta"), ("train", "grid_sampler"),
+                    ("train", "compile"),
                     ("data", "data_dir")}
 
 

@@ -41,7 +41,7 @@ FAKE_TARGET = {"none": 0.0, "one": 0.0, "two": 0.1}
 COND_KINDS = ("none", "class", "multilabel")
 
 
-def _num_doublings(image_size):
+def num_doublings(image_size):
     """log2(S/4): how many stride-2 layers G and D need; a UserError unless S is a power of two ≥ 16."""
     if image_size < MIN_SIZE or image_size & (image_size - 1):
         raise UserError(f"DCGAN needs --image-size a power of two ≥ {MIN_SIZE}, got {image_size}; "
@@ -79,7 +79,7 @@ def init_weights(module):
 class Generator(nn.Module):
     def __init__(self, gan_cfg, image_size, channels=3, cond_kind="none", num_cond=0):
         super().__init__()
-        n = _num_doublings(image_size)
+        n = num_doublings(image_size)
         self.z_dim = gan_cfg.z_dim
         self.embed = _label_embedding(cond_kind, num_cond, COND_EMBED_DIM)
         width = [gan_cfg.g_channels * image_size // (2 * BASE * 2 ** i) for i in range(n)]  # at 4, 8, ..., S/2
@@ -102,7 +102,7 @@ class Generator(nn.Module):
 class Discriminator(nn.Module):
     def __init__(self, gan_cfg, image_size, channels=3, cond_kind="none", num_cond=0):
         super().__init__()
-        n = _num_doublings(image_size)
+        n = num_doublings(image_size)
         width = [gan_cfg.d_channels * 2 ** i for i in range(n)]  # at S/2, S/4, ..., 4
         layers = [nn.Conv2d(channels, width[0], KERNEL, 2, 1, bias=False), nn.LeakyReLU(LEAKY_SLOPE, True)]  # no BN
         for i in range(n - 1):

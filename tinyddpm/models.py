@@ -8,6 +8,18 @@ def no_labels():
     return {"kind": "none", "names": []}
 
 
+def check_architecture(cfg):
+    """The network's shape rules for cfg (config.validate calls this before anything is built or written)."""
+    if cfg.model == "dcgan":
+        from .dcgan import num_doublings
+
+        num_doublings(cfg.data.image_size)
+    else:
+        from .unet import check_config
+
+        check_config(cfg.unet, cfg.data.image_size)
+
+
 def build_unet(cfg, labels):
     """The diffusion U-Net; 2C output channels when the variance is learned."""
     from .unet import UNet

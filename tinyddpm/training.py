@@ -32,7 +32,7 @@ import torch
 from . import data as data_mod
 from . import distributed as dist
 from .checkpoint import CKPT_NAME, load_checkpoint, save_checkpoint
-from .config import config_differences
+from .config import config_differences, validate
 from .devices import autocast
 from .ema import EMA
 from .errors import UserError
@@ -141,46 +141,12 @@ def say(msg):
 
 
 # --- flags ---------------------------------------------------------------------------------------------------
-def _bad(flag, value, want):
-    return UserError(f"{flag} must be {want} (got {value})")
-
-
 def check_train_flags(cfg, world_size=1):
-    """The training and data settings every loop reads (diffusion and DCGAN): one UserError for a bad value."""
-    t, d = cfg.train, cfg.data
-    for flag, v in (("--steps", t.steps), ("--batch-size", t.batch_size), ("--log-every", t.log_every),
-                    ("--sample-every", t.sample_every), ("--save-every", t.save_every),
-                    ("--grid-size", t.grid_size), ("--image-size", d.image_size), ("--shapes-count", d.shapes_count)):
-        if v < 1:
-            raise _bad(flag, v, "at least 1")
-    if not (math.isfinite(t.lr) and t.lr > 0):  # written so that NaN fails too
-        raise _bad("--lr", t.lr, "a positive number")
-    if not 0.0 <= t.ema_decay <= 1.0:
-        raise _bad("--ema-decay", t.ema_decay, "between 0 and 1")
-    if t.ema_warmup < 0:
-        raise _bad("--ema-warmup", t.ema_warmup, "0 or more")
-    if t.batch_size % world_size:
-        raise UserError(f"--batch-size {t.batch_size} is the global batch and must divide evenly over the "
+    """Every value of the config (config.validate), and the global batch split over the processes."""
+    validate(cfg)
+    if cfg.train.batch_size % world_size:
+        raise UserError(f"--batch-size {cfg.train.batch_size} is the global batch and must divide evenly over the "
                         f"{world_size} processes; use a multiple of {world_size}")
-
-
-def check_diffusion_flags(cfg):
-    """The settings only the diffusion loop reads (the U-Net checks its own shapes when it is built)."""
-    t, u, df = cfg.train, cfg.unet, cfg.diffusion
-    for flag, v in (("--grid-steps", t.grid_steps), ("--base-channels", u.base_channels),
-                    ("--num-res-blocks", u.num_res_blocks), ("--num-heads", u.num_heads),
-                    ("--timesteps", df.timesteps)):
-        if v < 1:
-            raise _bad(flag, v, "at least 1")
-    for flag, v in (("--warmup", t.warmup), ("--weight-decay", t.weight_decay), ("--grad-clip", t.grad_clip),
-                    ("--vlb-weight", df.vlb_weight), ("--grid-eta", t.grid_eta)):
-        if not (math.isfinite(v) and v >= 0):
-            raise _bad(flag, v, "0 or more")
-    if not u.channel_mults or min(u.channel_mults) < 1:
-        raise _bad("--channel-mults", list(u.channel_mults), "one or more positive integers")
-    for flag, v in (("--dropout", u.dropout), ("--cond-drop", cfg.cond.cond_drop)):
-        if not 0.0 <= v < 1.0 and not (flag == "--cond-drop" and v == 1.0):
-            raise _bad(flag, v, "a probability in [0, 1)" if flag == "--dropout" else "a probability in [0, 1]")
 
 
 # --- data and conditioning -----------------------------------------------------------------------------------
@@ -380,7 +346,6 @@ def train(cfg, out, device, log=say, skip_nonfinite=False):
     """
     world, rank = dist.world_size(), dist.rank()
     check_train_flags(cfg, world)
-    check_diffusion_flags(cfg)
     run = RunFolder(out)
     run.check_writable()
     tcfg = cfg.train

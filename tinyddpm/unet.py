@@ -59,6 +59,51 @@ def norm(channels):
     return nn.GroupNorm(norm_groups(channels), channels)
 
 
+def up_block_inputs(cfg: UNetConfig):
+    """The input width of every up-path block, in order: the width below it plus the down-path output (skip) it is
+    concatenated with. The skips are the stem's output, each down block's and each Downsample's, used last-first."""
+    widths = [cfg.base_channels * m for m in cfg.channel_mults]
+    skips = [cfg.base_channels]
+    for i, width in enumerate(widths):
+        skips += [width] * (cfg.num_res_blocks + (i < len(widths) - 1))
+    inputs, w = [], widths[-1]
+    for i in reversed(range(len(widths))):
+        for _ in range(cfg.num_res_blocks + 1):
+            inputs.append(w + skips.pop())
+            w = widths[i]
+    return inputs
+
+
+def check_config(cfg: UNetConfig, image_size: int):
+    """Every shape rule of the network, checked before anything is built: one UserError naming the flags.
+
+    GroupNorm must split each width it normalises evenly: the level widths and the concatenated widths the up path
+    sees: --base-channels 36 --channel-mults 1 2 has levels of 36 and 72 channels, which split, but its up path
+    also normalises 72 + 72 = 144 channels, and 144 does not split into 32 groups."""
+    ch, levels = cfg.base_channels, len(cfg.channel_mults)
+    if ch % 2:
+        raise UserError(f"--base-channels {ch} must be even: the timestep embedding is pairs of cos and sin")
+    widths = [ch * m for m in cfg.channel_mults]
+    uneven = sorted({w for w in [ch, *widths, *up_block_inputs(cfg)] if w % norm_groups(w)})
+    if uneven:
+        raise UserError(f"--base-channels {ch} with --channel-mults {' '.join(map(str, cfg.channel_mults))} gives "
+                        f"widths {uneven} (with the skip connections) that do not split evenly into GroupNorm groups "
+                        f"(multiples of {MIN_CHANNELS_PER_GROUP} below {NORM_GROUPS * MIN_CHANNELS_PER_GROUP}, "
+                        f"else of {NORM_GROUPS}); change --base-channels or --channel-mults")
+    if image_size % 2 ** (levels - 1):
+        raise UserError(f"image size {image_size} cannot be halved {levels - 1} times; use a multiple of "
+                        f"{2 ** (levels - 1)} or fewer --channel-mults")
+    sizes = [image_size // 2 ** i for i in range(levels)]
+    if set(cfg.attn_resolutions) - set(sizes):
+        raise UserError(f"--attn-resolutions {list(cfg.attn_resolutions)} must be among the feature-map sizes "
+                        f"{sizes} of a {image_size}px model")
+    attn_widths = {widths[-1]} | {w for w, s in zip(widths, sizes) if s in cfg.attn_resolutions}  # mid block too
+    for w in sorted(attn_widths):
+        if w % cfg.num_heads:
+            raise UserError(f"--num-heads {cfg.num_heads} does not divide the {w} channels of an attention "
+                            "layer; pick a divisor")
+
+
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv, add the embedding, GroupNorm-SiLU-dropout-conv, plus a (1×1 conv) skip.
 
@@ -94,9 +139,6 @@ class Attention(nn.Module):
 
     def __init__(self, channels, num_heads):
         super().__init__()
-        if channels % num_heads:
-            raise UserError(f"--num-heads {num_heads} does not divide the {channels} channels of an attention "
-                            "layer; pick a divisor")
         self.num_heads = num_heads
         self.norm = norm(channels)
         self.qkv = nn.Linear(channels, 3 * channels)
@@ -154,20 +196,10 @@ class UNet(nn.Module):
     def __init__(self, cfg: UNetConfig, image_size: int, in_channels: int = 3, out_channels: int = 3,
                  cond_kind: str = "none", num_cond: int = 0):
         super().__init__()
+        check_config(cfg, image_size)
         ch, levels = cfg.base_channels, len(cfg.channel_mults)
         widths = [ch * m for m in cfg.channel_mults]
-        if any(w % norm_groups(w) for w in widths):
-            raise UserError(f"channel widths {widths} must split evenly into GroupNorm groups (multiples of "
-                            f"{MIN_CHANNELS_PER_GROUP} below {NORM_GROUPS * MIN_CHANNELS_PER_GROUP}, else of "
-                            f"{NORM_GROUPS}); "
-                            "change --base-channels or --channel-mults")
-        if image_size % 2 ** (levels - 1):
-            raise UserError(f"image size {image_size} cannot be halved {levels - 1} times; use a multiple of "
-                            f"{2 ** (levels - 1)} or fewer --channel-mults")
         sizes = [image_size // 2 ** i for i in range(levels)]
-        if set(cfg.attn_resolutions) - set(sizes):
-            raise UserError(f"--attn-resolutions {list(cfg.attn_resolutions)} must be among the feature-map sizes "
-                            f"{sizes} of a {image_size}px model")
         if cond_kind not in COND_KINDS:
             raise UserError(f"unknown condition kind {cond_kind!r}; choose one of {', '.join(COND_KINDS)}")
         if cond_kind != "none" and num_cond < 1:
@@ -182,27 +214,25 @@ class UNet(nn.Module):
             self.cond_emb = nn.Linear(num_cond, emb_dim)
             self.null_emb = nn.Parameter(torch.randn(emb_dim) * 0.02)
 
-        # Down path: remember every output's width; each is concatenated onto one up-path block.
+        # Down path: every output is kept and concatenated onto one up-path block (widths: up_block_inputs).
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
         self.down = nn.ModuleList()
-        skip_widths, w = [ch], ch
+        w = ch
         for i, (width, size) in enumerate(zip(widths, sizes)):
             for _ in range(cfg.num_res_blocks):
                 self.down.append(Block(w, width, emb_dim, cfg, attn=size in cfg.attn_resolutions))
                 w = width
-                skip_widths.append(w)
             if i < levels - 1:
                 self.down.append(Downsample(w))
-                skip_widths.append(w)
 
         self.mid = nn.ModuleList([Block(w, w, emb_dim, cfg, attn=True), Block(w, w, emb_dim, cfg, attn=False)])
 
         # Up path: num_res_blocks + 1 blocks per level (one per skip), then upsample (except at the top level).
         self.up = nn.ModuleList()
+        inputs = iter(up_block_inputs(cfg))
         for i in reversed(range(levels)):
             for _ in range(cfg.num_res_blocks + 1):
-                self.up.append(Block(w + skip_widths.pop(), widths[i], emb_dim, cfg,
-                                     attn=sizes[i] in cfg.attn_resolutions))
+                self.up.append(Block(next(inputs), widths[i], emb_dim, cfg, attn=sizes[i] in cfg.attn_resolutions))
                 w = widths[i]
             if i > 0:
                 self.up.append(Upsample(w))
