@@ -7,9 +7,9 @@ mix them, and denoise the mixture from t back to 0 with the usual sampler:
 
 λ is the weight of the SECOND image: λ = 0 is a noised and denoised (a close variation of a), λ = 1 the same for b.
 With shared noise (ε_a = ε_b = ε) the mixture is exactly q_sample((1 − λ)·a + λ·b, t, ε): the forward process of
-the pixel mix, which the model then pulls back onto the image manifold. With independent noise the mixed noise has
-variance (1 − λ)² + λ² < 1 (½ at λ = ½), so the model is shown a less noisy image than step t says; expect smoother,
-less resolved fusions.
+the pixel mix, which the model then pulls back onto the image manifold. With independent noise the mixed noise
+(1 − λ)·ε_a + λ·ε_b has variance (1 − λ)² + λ² < 1 (½ at λ = ½); it is divided by √((1 − λ)² + λ²), so the model
+is shown exactly the noise level of step t: x_t = q_sample((1 − λ)·a + λ·b, t, ε_mix) in both modes.
 
 Interpolation. Each input is encoded to a latent x_T by deterministic DDIM inversion (η = 0); the two latents are
 interpolated spherically (slerp) and every frame is decoded with η = 0 DDIM. Frame 0 and the last frame reproduce
@@ -40,7 +40,8 @@ NOISE_MODES = ("shared", "independent")
 # The forward noise of a fusion is drawn from its own stream, so it is not the first draw of the sampler's noise
 # for the same seed (which would correlate the noise added at step t with the noise the sampler adds next).
 FORWARD_NOISE_STREAM = 0xF0
-SLERP_LINEAR_BELOW = 1e-4     # angle (radians) under which slerp falls back to a straight line (sin θ ≈ 0)
+SLERP_LINEAR_BELOW = 1e-4     # angle (radians) from 0 or π within which sin θ ≈ 0 and slerp needs its guards
+SLERP_ANTIPODAL_SEED = 0      # the fixed direction an antipodal slerp turns through
 PIXEL_MAX = 255.0             # PSNR on 8-bit images
 
 
@@ -75,17 +76,20 @@ def forward_noise(seeds, shape, noise="shared"):
     return eps_a, (eps_a if noise == "shared" else gen.next())
 
 
-def mix_noised(diffusion, a, b, lam, t, eps_a, eps_b):
-    """(1 − λ)·q_sample(a, t, ε_a) + λ·q_sample(b, t, ε_b): [B, 3, S, S].
+def mix_noised(diffusion, a, b, lam, t, eps_a, eps_b, noise="shared"):
+    """q_sample((1 − λ)·a + λ·b, t, ε_mix): [B, 3, S, S], with ε_mix = (1 − λ)·ε_a + λ·ε_b scaled to unit variance.
 
-    a, b [3, S, S] (or [B, 3, S, S]); lam [B]; t a schedule index; eps_a, eps_b [B, 3, S, S].
+    a, b [3, S, S] (or [B, 3, S, S]); lam [B]; t a schedule index; eps_a, eps_b [B, 3, S, S]. Shared noise
+    (ε_a = ε_b) mixes to ε itself, so this is (1 − λ)·x_t^a + λ·x_t^b exactly; independent noise mixes to variance
+    (1 − λ)² + λ², which is divided out so that x_t has the noise level of step t.
     """
     batch = eps_a.shape[0]
     tt = torch.full((batch,), t, dtype=torch.long)
-    x_a = diffusion.q_sample(a.expand_as(eps_a), tt, eps_a)
-    x_b = diffusion.q_sample(b.expand_as(eps_b), tt, eps_b)
-    w = lam.view(-1, 1, 1, 1).to(x_a.dtype)
-    return (1.0 - w) * x_a + w * x_b
+    w = lam.view(-1, 1, 1, 1).to(eps_a.dtype)
+    eps = (1.0 - w) * eps_a + w * eps_b
+    if noise == "independent":
+        eps = eps / torch.sqrt((1.0 - w) ** 2 + w ** 2)
+    return diffusion.q_sample(((1.0 - w) * a + w * b).expand_as(eps_a), tt, eps)
 
 
 @torch.no_grad()
@@ -104,7 +108,7 @@ def fuse(gen, a, b, lams, t, seeds, cond=None, noise="shared", batch_size=256, p
         chunk_seeds = [s for s, _ in chunk]
         lam = torch.tensor([lam for _, lam in chunk], dtype=torch.float32)
         eps_a, eps_b = forward_noise(chunk_seeds, a.shape, noise)
-        x_t = mix_noised(gen.diffusion, a, b, lam, t, eps_a, eps_b)
+        x_t = mix_noised(gen.diffusion, a, b, lam, t, eps_a, eps_b, noise)
         c = None if conds is None else conds[i: i + batch_size]
         out.append(gen.sample(chunk_seeds, c, x_start=x_t, t_start=t, **sample_kw).float().cpu())
         if progress:
@@ -118,12 +122,22 @@ def slerp(z0, z1, alpha):
 
     Follows the great circle through z0 and z1 (Shoemake 1985; used for DDIM latents by Song et al. 2021), so a
     midpoint of two Gaussian latents keeps a Gaussian-like norm where a straight line would shrink it by up to √2.
+    Guards where sin θ ≈ 0: (nearly) parallel latents or a zero latent take the straight line; (nearly) antipodal
+    ones, whose great circle is not unique, turn through a fixed direction orthogonal to z0 with the norm
+    interpolated linearly (a straight line would pass through 0, and dividing by sin θ would blow up).
     """
     a, b = z0.double().flatten(), z1.double().flatten()
-    cos = (a @ b / (a.norm() * b.norm())).clamp(-1.0, 1.0)
+    na, nb = a.norm(), b.norm()
+    cos = (a @ b / (na * nb)).clamp(-1.0, 1.0) if na > 0 and nb > 0 else torch.ones((), dtype=torch.float64)
     theta = torch.arccos(cos)
-    if theta < SLERP_LINEAR_BELOW:
+    if theta < SLERP_LINEAR_BELOW:  # parallel, or a zero latent (no direction to turn from)
         out = (1.0 - alpha) * a + alpha * b
+    elif math.pi - theta < SLERP_LINEAR_BELOW and a.numel() > 1:  # antipodal: any great circle through z0 reaches −z0
+        ua = a / na
+        p = torch.randn(a.shape, generator=torch.Generator().manual_seed(SLERP_ANTIPODAL_SEED), dtype=torch.float64)
+        p = p - (p @ ua) * ua
+        turn = math.cos(alpha * math.pi) * ua + math.sin(alpha * math.pi) * p / p.norm()
+        out = ((1.0 - alpha) * na + alpha * nb) * turn
     else:
         out = (torch.sin((1.0 - alpha) * theta) * a + torch.sin(alpha * theta) * b) / torch.sin(theta)
     return out.view_as(z0).to(z0.dtype)

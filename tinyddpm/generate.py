@@ -87,8 +87,9 @@ class Generator:
 
     @torch.no_grad()
     def sample(self, seeds, cond=None, sampler="ddim", steps=100, eta=0.0, cfg_scale=1.0, clip_x0=True,
-               x_start=None, t_start=None):
-        """Float images [B, 3, S, S] in [−1, 1] for the given per-image seeds."""
+               x_start=None, t_start=None, **solver_kw):
+        """Float images [B, 3, S, S] in [−1, 1] for the given per-image seeds; solver_kw (spacing, churn) go to
+        samplers.sample."""
         if self.kind == "dcgan":
             from .dcgan import sample_z
 
@@ -98,7 +99,7 @@ class Generator:
         fn = self.model_fn(cond, cfg_scale)
         with autocast(self.device):
             return run_sampler(sampler, self.diffusion, fn, shape, seeds, self.device, steps, eta, clip_x0,
-                               x_start, t_start)
+                               x_start, t_start, **solver_kw)
 
     def images(self, seeds, cond=None, batch_size=256, progress=None, **kw):
         """uint8 [N, S, S, 3], generated in batches; progress(done, total) after each batch."""
