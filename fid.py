@@ -9,7 +9,9 @@
 
 An input is a folder (searched recursively), a .npz statistics file (keys mu, sigma), a .npy/.npz uint8 image
 array [N, H, W, 3] or a dataset reference cifar10:CLASSES:SPLIT[:N] (the first N images of the split in file
-order; CLASSES are names joined by commas, or all), read from --data-dir. Progress goes to stderr, the result alone to stdout.
+order; CLASSES are names joined by commas, or all), read from --data-dir. Entries of a folder that are not images
+(other extensions, hidden files, dangling symlinks, symlink loops, FIFOs) are left out, and a line says which.
+Progress goes to stderr, the result alone to stdout.
 """
 import argparse
 import os
@@ -20,6 +22,8 @@ from tinyddpm.config import DataConfig
 from tinyddpm.errors import UserError, run_cli
 
 DEFAULT_DATA_DIR = DataConfig.data_dir  # train.py's default --data-dir, so both find the same download
+MIN_KID_SUBSET = 2  # the unbiased MMD² divides by m(m − 1)
+SEED_LIMIT = 2**64  # numpy's generators take seeds in [0, 2**64) here
 
 
 def build_parser():
@@ -59,11 +63,15 @@ def check_args(args):
             raise UserError(f"--save-stats {args.save_stats} must end in .npz (pytorch-fid's stats format)")
     elif len(args.inputs) != 2:
         raise UserError("one input needs --save-stats PATH; to compare, pass two inputs: python fid.py dirA dirB")
-    for name in ("batch_size", "kid_subsets", "kid_subset_size"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
-    if args.num_workers is not None and args.num_workers < 0:
-        raise UserError(f"--num-workers must be 0 or more (got {args.num_workers})")
+    for name, least in (("batch_size", 1), ("kid_subsets", 1), ("kid_subset_size", MIN_KID_SUBSET)):
+        if getattr(args, name) < least:
+            raise UserError(f"--{name.replace('_', '-')} must be at least {least} (got {getattr(args, name)})")
+    cpus = os.cpu_count() or 1
+    if args.num_workers is not None and not 0 <= args.num_workers <= cpus:
+        raise UserError(f"--num-workers must be between 0 and the {cpus} CPUs (got {args.num_workers}); "
+                        f"more processes than CPUs only compete for them")
+    if not 0 <= args.seed < SEED_LIMIT:
+        raise UserError(f"--seed must be in 0..2**64-1 (got {args.seed})")
 
 
 def say(msg):
@@ -75,7 +83,8 @@ def main(argv=None):
     check_args(args)
     from tinyddpm.devices import resolve_device
     from tinyddpm.distance import frechet_distance, kernel_inception_distance
-    from tinyddpm.statistics import default_cache_dir, measure, resolve_source, save_statistics
+    from tinyddpm.sources import resolve_source, save_statistics
+    from tinyddpm.statistics import check_dimensions, default_cache_dir, measure
 
     device = resolve_device(args.device)
     sources = [resolve_source(p, args.data_dir) for p in args.inputs]  # every input checked before the slow part starts
@@ -90,6 +99,7 @@ def main(argv=None):
 
         model = load_inception(args.weights, device)
         say(f"weights: {model.weights_path} ({model.weights_how}): {FLAVOURS[model.flavour]}")
+    check_dimensions(sources, model, device)  # a statistics file of another width is refused before the slow part
     workers = args.num_workers if args.num_workers is not None else min(4, max(0, (os.cpu_count() or 1) - 1))
     cache_dir = args.cache_dir or (default_cache_dir() if args.cache else None)
     results = [measure(s, model, args.batch_size, device, workers, args.skip_bad, keep_features=args.kid,

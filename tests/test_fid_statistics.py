@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tinyddpm import sources
 from tinyddpm import statistics as st
 from tinyddpm.errors import UserError
 from tinyddpm.inception import FIDInceptionV3
@@ -28,16 +29,16 @@ def test_stats_round_trip_pytorch_fid_format(tmp_path):
     rng = np.random.default_rng(1)
     mu, sigma = rng.standard_normal(8), np.cov(rng.standard_normal((20, 8)), rowvar=False)
     path = str(tmp_path / "a.npz")
-    st.save_statistics(path, mu, sigma)
+    sources.save_statistics(path, mu, sigma)
     with np.load(path) as f:  # what pytorch-fid does: f["mu"][:], f["sigma"][:]
         assert sorted(f.files) == ["mu", "sigma"]
         np.testing.assert_array_equal(f["mu"][:], mu)
         np.testing.assert_array_equal(f["sigma"][:], sigma)
     theirs = str(tmp_path / "theirs.npz")
     np.savez_compressed(theirs, mu=mu.astype(np.float32), sigma=sigma)  # pytorch-fid's --save-stats
-    mu2, sigma2 = st.load_statistics(theirs)
+    mu2, sigma2 = sources.load_statistics(theirs)
     np.testing.assert_allclose(mu2, mu, rtol=1e-6)
-    src = st.resolve_source(theirs)
+    src = sources.resolve_source(theirs)
     assert src.kind == "stats" and src.mu.dtype == np.float64
 
 
@@ -45,12 +46,12 @@ def test_save_never_overwrites_without_force(tmp_path):
     path = tmp_path / "a.npz"
     path.write_bytes(b"user's file")
     with pytest.raises(UserError, match="--force"):
-        st.save_statistics(str(path), np.zeros(2), np.eye(2))
+        sources.save_statistics(str(path), np.zeros(2), np.eye(2))
     assert path.read_bytes() == b"user's file"
-    st.save_statistics(str(path), np.zeros(2), np.eye(2), force=True)
-    assert st.load_statistics(str(path))[1].shape == (2, 2)
+    sources.save_statistics(str(path), np.zeros(2), np.eye(2), force=True)
+    assert sources.load_statistics(str(path))[1].shape == (2, 2)
     with pytest.raises(UserError, match=".npz"):
-        st.save_statistics(str(tmp_path / "a.stats"), np.zeros(2), np.eye(2))
+        sources.save_statistics(str(tmp_path / "a.stats"), np.zeros(2), np.eye(2))
 
 
 @pytest.mark.parametrize("content,match", [
@@ -64,43 +65,43 @@ def test_bad_stats_files(tmp_path, content, match):
     path = str(tmp_path / "s.npz")
     np.savez(path, **content)
     with pytest.raises(UserError, match=match):
-        st.resolve_source(path)
+        sources.resolve_source(path)
 
 
 def test_resolve_source_errors(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
-        st.resolve_source(str(tmp_path / "nope"))
+        sources.resolve_source(str(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no images"):
-        st.resolve_source(str(tmp_path / "empty"))
+        sources.resolve_source(str(tmp_path / "empty"))
     (tmp_path / "one").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "one" / "a.png")
     with pytest.raises(UserError, match="only 1 image"):
-        st.resolve_source(str(tmp_path / "one"))
+        sources.resolve_source(str(tmp_path / "one"))
     np.save(tmp_path / "f.npy", np.zeros((4, 8, 8, 3), np.float32))
     with pytest.raises(UserError, match="uint8"):
-        st.resolve_source(str(tmp_path / "f.npy"))
+        sources.resolve_source(str(tmp_path / "f.npy"))
     np.save(tmp_path / "s.npy", np.zeros((4, 8), np.uint8))
     with pytest.raises(UserError, match="shape"):
-        st.resolve_source(str(tmp_path / "s.npy"))
+        sources.resolve_source(str(tmp_path / "s.npy"))
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(UserError, match="cannot read"):
-        st.resolve_source(str(tmp_path / "junk.npz"))
+        sources.resolve_source(str(tmp_path / "junk.npz"))
     (tmp_path / "x.txt").write_text("hi")
     with pytest.raises(UserError, match="not a folder"):
-        st.resolve_source(str(tmp_path / "x.txt"))
+        sources.resolve_source(str(tmp_path / "x.txt"))
 
 
 def test_arrays_in_every_layout(tmp_path):
     rng = np.random.default_rng(2)
     nhwc = rng.integers(0, 256, (3, 5, 6, 3), dtype=np.uint8)
-    assert np.array_equal(st.resolve_source(nhwc.transpose(0, 3, 1, 2)).array, nhwc)  # NCHW
-    gray = st.resolve_source(nhwc[..., 0]).array
+    assert np.array_equal(sources.resolve_source(nhwc.transpose(0, 3, 1, 2)).array, nhwc)  # NCHW
+    gray = sources.resolve_source(nhwc[..., 0]).array
     assert gray.shape == (3, 5, 6, 3) and np.array_equal(gray[..., 2], nhwc[..., 0])
     np.savez(tmp_path / "imgs.npz", images=nhwc)
-    assert np.array_equal(st.resolve_source(str(tmp_path / "imgs.npz")).array, nhwc)
+    assert np.array_equal(sources.resolve_source(str(tmp_path / "imgs.npz")).array, nhwc)
     np.save(tmp_path / "imgs.npy", nhwc)
-    assert np.array_equal(st.resolve_source(str(tmp_path / "imgs.npy")).array, nhwc)
+    assert np.array_equal(sources.resolve_source(str(tmp_path / "imgs.npy")).array, nhwc)
 
 
 def test_folder_decoding_all_kinds_and_bad_files(tmp_path):
@@ -110,12 +111,12 @@ def test_folder_decoding_all_kinds_and_bad_files(tmp_path):
     Image.new("RGBA", (10, 12), (255, 0, 0, 0)).save(d / "rgba.PNG")  # fully transparent: composited on white
     Image.new("P", (7, 7)).save(d / "palette.bmp")
     (d / "broken.png").write_bytes(b"not an image")
-    src = st.resolve_source(str(d))
+    src = sources.resolve_source(str(d))
     assert len(src) == 4
     with pytest.raises(UserError, match="broken.png.*--skip-bad"):
-        list(st.iter_batches(src))
+        list(src.batches())
     skipped = []
-    batches = list(st.iter_batches(src, batch_size=4, skip_bad=True, report=skipped.append))
+    batches = list(src.batches(batch_size=4, skip_bad=True, report=skipped.append))
     assert skipped == [1] and sum(len(b) for b in batches) == 3
     # Mixed sizes are resized to 299×299 in the loader; the network's own resize is then the identity.
     assert all(isinstance(b, torch.Tensor) and b.shape[1:] == (3, 299, 299) for b in batches)
@@ -127,7 +128,7 @@ def test_same_size_images_stay_uint8(tmp_path):
     arr = rng.integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
     for i, a in enumerate(arr):
         Image.fromarray(a).save(tmp_path / f"{i}.png")
-    batches = list(st.iter_batches(st.resolve_source(str(tmp_path)), batch_size=2, num_workers=1))
+    batches = list(sources.resolve_source(str(tmp_path)).batches(batch_size=2, num_workers=1))
     assert [b.dtype for b in batches] == [np.uint8] * 3
     assert np.array_equal(np.concatenate(batches), arr)
 
@@ -147,13 +148,13 @@ def test_measure_streams_and_caches(tmp_path):
     mu, sigma = st.statistics_from_uint8(iter([arr[:10], arr[10:]]), FakeModel(), batch_size=7)
     np.testing.assert_allclose(sigma, np.cov(feats.astype(np.float64), rowvar=False), rtol=1e-6, atol=1e-12)
     cache = str(tmp_path / "cache")
-    m1 = st.measure(st.resolve_source(arr), FakeModel(), batch_size=8, cache_dir=cache, progress=False)
+    m1 = st.measure(sources.resolve_source(arr), FakeModel(), batch_size=8, cache_dir=cache, progress=False)
     assert m1.n == 30 and len(os.listdir(cache)) == 1
     np.testing.assert_allclose(m1.mu, mu)
-    m2 = st.measure(st.resolve_source(arr), FakeModel(), cache_dir=cache, progress=False)
-    assert m2.n is None and np.array_equal(m2.sigma, m1.sigma)  # a cache hit: nothing recomputed
+    m2 = st.measure(sources.resolve_source(arr), FakeModel(), cache_dir=cache, progress=False)
+    assert m2.n == 30 and np.array_equal(m2.sigma, m1.sigma)  # a cache hit: nothing recomputed
     other = type("Other", (FakeModel,), {"weights_id": "fake-1"})()
-    st.measure(st.resolve_source(arr), other, cache_dir=cache, progress=False)
+    st.measure(sources.resolve_source(arr), other, cache_dir=cache, progress=False)
     assert len(os.listdir(cache)) == 2  # other weights, other key
     m3 = st.compute_statistics(arr[:10], model=FakeModel())
     np.testing.assert_allclose(m3[0], st.statistics_from_features(feats[:10])[0], rtol=1e-6)

@@ -15,7 +15,7 @@ import sample
 import train
 from tests.helpers import MICRO_FLAGS, assert_user_error, make_image_folder, run_script
 from tinyddpm import data as data_mod
-from tinyddpm import report
+from tinyddpm import report, sources
 from tinyddpm.errors import run_cli
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.load:DeprecationWarning")
@@ -91,7 +91,8 @@ def test_report_fields_floor_splits_and_cache(ckpts, fake, cifar_root, tmp_path,
     assert row["reference"] == "cifar10:cat:test:8" and row["floor_reference"] == f"cifar10:cat:train:{N}"
     assert row["fid"] > 0 and row["floor"] > 0 and row["ratio"] == pytest.approx(row["fid"] / row["floor"])
     assert len(row["kid"]) == 2 and len(row["floor_kid"]) == 2
-    assert fake.seen == 8 + N + N  # reference, floor, generated
+    cats_train = 5000  # the memorisation check searches every train cat; the floor is the first N of them
+    assert fake.seen == 8 + cats_train + N  # reference, train split, generated
     # The floor is N *train* cats against the *test* cats: recompute it from the split files themselves.
     test, test_y = data_mod.load_cifar10(cifar_root, "test", ["cat"])
     train_, train_y = data_mod.load_cifar10(cifar_root, "train", ["cat"])
@@ -178,6 +179,7 @@ def test_gan_and_folder_models(ckpts, fake, cifar_root, tmp_path, capsys):
     ("cat", ["--ref", "cifar10:cat:val"], "unknown cifar-10 split"),
     ("cat", ["--ref", "cifar10:cat:test:many"], "positive integer"),
     ("cat", ["--n", "1"], "at least 2"),
+    ("cat", ["--train-images", "-1"], "--train-images"),
     ("cat", ["--class", "cat"], "unconditional"),
     ("cat", ["--cfg-scale", "2"], "conditional"),
     ("cond", ["--class", "dog"], "not trained"),
@@ -204,7 +206,7 @@ def test_report_flags_need_report(ckpts, tmp_path, capsys):
 def test_report_equals_fid_py_with_the_real_inception(ckpts, cifar_root, tmp_path, capsys):
     """The report's FID and floor are fid.py's numbers for the same images and references."""
     code, out, err = run_script(sample, _report(ckpts["cat"], tmp_path, "--ref", REF8, "--data-dir", cifar_root,
-                                                "--steps", "3"), capsys)
+                                                "--steps", "3", "--train-images", "8"), capsys)
     assert code == 0, err
     (row,) = _json(tmp_path)["results"]
     cli = lambda *a: run_script(fid, [*a, "--data-dir", cifar_root, "--device", "cpu", "--quiet"], capsys)  # noqa
@@ -218,14 +220,14 @@ def test_report_equals_fid_py_with_the_real_inception(ckpts, cifar_root, tmp_pat
 
 
 def test_dataset_reference_parsing():
-    ref = data_mod.parse_cifar_reference("CIFAR10: Cat ,frog:Train:12")
+    ref = sources.parse_cifar_reference("CIFAR10: Cat ,frog:Train:12")
     assert (ref.classes, ref.split, ref.count) == ((3, 6), "train", 12)
     assert ref.spec == "cifar10:cat,frog:train:12"
-    assert data_mod.parse_cifar_reference("cifar10:all:test").spec == "cifar10:all:test"
-    assert data_mod.parse_cifar_reference("cifar10:3:test").classes == (3,)
+    assert sources.parse_cifar_reference("cifar10:all:test").spec == "cifar10:all:test"
+    assert sources.parse_cifar_reference("cifar10:3:test").classes == (3,)
     for bad in ("cifar10:cat", "cifar10:cat:test:0", "cifar10:cat:test:2:3"):
         with pytest.raises(Exception) as e:
-            data_mod.parse_cifar_reference(bad)
+            sources.parse_cifar_reference(bad)
         assert e.type.__name__ == "UserError"
 
 

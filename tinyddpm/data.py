@@ -12,8 +12,6 @@ import shutil
 import sys
 import tarfile
 import tempfile
-from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import torch
@@ -178,62 +176,6 @@ def load_cifar10(root, split="train", classes=(), download=True, url=CIFAR10_URL
         images.append(data[keep].transpose(0, 2, 3, 1))
         labels.append(y[keep])
     return np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels)
-
-
-# ------------------------------------------------------------------------------------ CIFAR-10 as an FID reference
-CIFAR10_REF_PREFIX = "cifar10:"
-CIFAR10_REF_FORMAT = "cifar10:CLASSES:SPLIT[:N], e.g. cifar10:cat:test, cifar10:cat,frog:train:1000 or cifar10:all:test"
-
-
-@dataclass(frozen=True)
-class CifarReference:
-    """A named slice of CIFAR-10 used as one side of an FID: the first `count` images (file order) of `split` among
-    `classes` (indices 0..9, in the order given). count None: all of them."""
-    classes: tuple
-    split: str
-    count: Optional[int] = None
-
-    @property
-    def spec(self):
-        names = "all" if len(self.classes) == len(CIFAR10_CLASSES) else ",".join(CIFAR10_CLASSES[i] for i in
-                                                                                 self.classes)
-        return f"cifar10:{names}:{self.split}" + ("" if self.count is None else f":{self.count}")
-
-    def with_count(self, count):
-        return CifarReference(self.classes, self.split, count)
-
-
-def is_cifar_reference(spec):
-    return isinstance(spec, str) and spec.lower().startswith(CIFAR10_REF_PREFIX)
-
-
-def parse_cifar_reference(spec):
-    """'cifar10:CLASSES:SPLIT[:N]' → CifarReference. CLASSES: names or indices joined by ',', or 'all'."""
-    parts = spec.strip().split(":")
-    if len(parts) not in (3, 4) or parts[0].lower() != CIFAR10_REF_PREFIX[:-1]:
-        raise UserError(f"cannot read dataset reference {spec!r}; write {CIFAR10_REF_FORMAT}")
-    names = [c for c in parts[1].split(",") if c.strip()]
-    classes = tuple(resolve_classes([] if [c.strip().lower() for c in names] == ["all"] else names))
-    split = parts[2].strip().lower()
-    if split not in CIFAR10_SPLITS:
-        raise UserError(f"unknown CIFAR-10 split {parts[2]!r} in {spec!r}; choose train or test")
-    count = None
-    if len(parts) == 4:
-        if not parts[3].strip().isdigit() or int(parts[3]) < 1:
-            raise UserError(f"the image count in {spec!r} must be a positive integer; write {CIFAR10_REF_FORMAT}")
-        count = int(parts[3])
-    return CifarReference(classes, split, count)
-
-
-def load_cifar_reference(ref, data_dir, download=True):
-    """uint8 [N, 32, 32, 3]: the images a CifarReference names (downloading CIFAR-10 into data_dir if needed)."""
-    images, _ = load_cifar10(data_dir, ref.split, ref.classes, download=download)
-    if ref.count is not None:
-        if ref.count > len(images):
-            raise UserError(f"{ref.spec} asks for {ref.count} images but the {ref.split} split has only "
-                            f"{len(images)} of those classes; ask for at most {len(images)}")
-        images = images[:ref.count]
-    return images
 
 
 # ------------------------------------------------------------------------------------------------ image folders

@@ -30,11 +30,12 @@ from typing import Optional
 
 import numpy as np
 
-from .data import CIFAR10_CLASSES, CifarReference, is_cifar_reference, parse_cifar_reference
+from .data import CIFAR10_CLASSES
 from .errors import UserError
 from .files import atomic_write_bytes
 from .generate import DEFAULT_DDIM_STEPS, DefaultN
 from .imageio import make_grid, save_png
+from .sources import CifarReference, is_cifar_reference, parse_cifar_reference
 
 REPORT_N = 1000  # images per report when --n is not given: the FID-1k protocol of the reports this grew from
 GRID_IMAGES = 64  # images in each written grid (8 × 8)
@@ -56,9 +57,14 @@ def add_args(p):
                    help="FID Inception weights (default: found as fid.py finds them, docs/fid.md)")
     g.add_argument("--cache-dir", default=None,
                    help="where reference features are cached (default ~/.cache/tinyddpm/fid)")
+    g.add_argument("--skip-bad", action="store_true", default=None,
+                   help="skip unreadable images in a --ref folder (and say how many)")
+    g.add_argument("--train-images", type=int, default=None, metavar="M",
+                   help="memorisation check: search the first M (at least --n) train images of the model's classes "
+                        "for each sample's nearest (default: all of them; 0: no check)")
 
 
-REPORT_ONLY = ("ref", "data_dir", "inception_weights", "cache_dir")
+REPORT_ONLY = ("ref", "data_dir", "inception_weights", "cache_dir", "skip_bad", "train_images")
 
 
 def wanted(args):
@@ -74,6 +80,7 @@ class Row:
     cond_index: Optional[int]
     ref: str  # what fid.py would be given: a dataset reference or a path
     floor: Optional[CifarReference]  # N train images of the same classes; None when the reference is not a dataset
+    train: Optional[CifarReference] = None  # train images searched for copies (floor ⊂ train); None: no such check
 
 
 def _model_classes(gen):
@@ -84,9 +91,11 @@ def _model_classes(gen):
     return tuple(parse_cifar_reference(f"cifar10:{','.join(map(str, data.classes)) or 'all'}:test").classes)
 
 
-def _dataset_row(label, cond_index, classes, n):
-    ref = CifarReference(tuple(classes), "test")
-    return Row(label, cond_index, ref.spec, CifarReference(tuple(classes), "train", n))
+def _dataset_row(label, cond_index, classes, n, train_images, ref=None):
+    """A row against CIFAR-10 (ref: the test split of `classes` unless given), its floor and its training set."""
+    ref, split = ref or CifarReference(tuple(classes), "test"), CifarReference(tuple(classes), "train")
+    train = split if train_images is None else split.with_count(max(train_images, n)) if train_images else None
+    return Row(label, cond_index, ref.spec, split.with_count(n), train)
 
 
 def plan(args, gen, n):
@@ -96,6 +105,8 @@ def plan(args, gen, n):
         raise UserError(f"{flags} only apply with --report")
     if n < 2:
         raise UserError(f"--n must be at least 2 for a report (a covariance needs two images; got {n})")
+    if args.train_images is not None and args.train_images < 0:
+        raise UserError(f"--train-images must be 0 (no memorisation check) or more (got {args.train_images})")
     kind, model_classes = gen.labels["kind"], _model_classes(gen)
     if kind == "multilabel":
         raise UserError("the quality report is for CIFAR-10 and image-folder models; score a shapes model with "
@@ -118,9 +129,10 @@ def plan(args, gen, n):
             raise UserError(f"this model was trained on --dataset {gen.cfg.data.dataset}, which has no built-in "
                             "reference split; pass --ref with a folder of held-out images or a .npz statistics file")
         if kind == "class":  # one row per class, each against that class's test images
-            return [_dataset_row(c, names.index(c), [CIFAR10_CLASSES.index(c)], n) for c in asked]
+            return [_dataset_row(c, names.index(c), [CIFAR10_CLASSES.index(c)], n, args.train_images) for c in asked]
         return [_dataset_row("all" if len(model_classes) == len(CIFAR10_CLASSES) else
-                             ",".join(CIFAR10_CLASSES[i] for i in model_classes), None, model_classes, n)]
+                             ",".join(CIFAR10_CLASSES[i] for i in model_classes), None, model_classes, n,
+                             args.train_images)]
     if kind == "class" and len(asked) != 1:
         raise UserError("--ref names one reference, so a report on a class model with --ref needs one --class")
     label, cond_index = (asked[0], names.index(asked[0])) if kind == "class" else ("all", None)
@@ -138,44 +150,59 @@ def plan(args, gen, n):
     if ref.split != "test":
         raise UserError(f"{args.ref} is the train split, which the model was trained on and the floor is taken "
                         f"from; use the test split, e.g. --ref {ref.with_count(None).spec.replace(':train', ':test')}")
-    return [Row(label, cond_index, ref.spec, CifarReference(ref.classes, "train", n))]
+    return [_dataset_row(label, cond_index, ref.classes, n, args.train_images, ref)]
 
 
 # ------------------------------------------------------------------------------------------------ the work
-class Side:
-    """One side of an FID: mu/sigma, plus the features when known (KID needs them; a .npz stats file has none)."""
+def fid(a, b):
+    """FID between two statistics.Measurements (the small-N warning is said once, in the report's own words)."""
+    from .distance import frechet_distance
 
-    def __init__(self, feats=None, mu=None, sigma=None, n=None):
-        from .statistics import statistics_from_features
-
-        self.feats = feats
-        self.mu, self.sigma = (mu, sigma) if feats is None else statistics_from_features(feats)
-        self.n = len(feats) if feats is not None else n
-
-    def fid(self, other):
-        from .distance import frechet_distance
-
-        with warnings.catch_warnings():  # the small-N warning is said once, in the report's own words
-            warnings.simplefilter("ignore")
-            return frechet_distance(self.mu, self.sigma, other.mu, other.sigma)
-
-    def kid(self, other, seed=0):
-        """(mean, std) over subsets, or None when a side has no features."""
-        from .distance import kernel_inception_distance
-
-        if self.feats is None or other.feats is None:
-            return None
-        return kernel_inception_distance(self.feats, other.feats, seed=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
 
 
-def measure_reference(source, model, cache_dir, batch_size, device):
-    """A reference or floor Source (statistics.resolve_source: dataset reference, folder, .npy array or .npz
-    stats) → Side, its features cached."""
-    from .statistics import cached_features
+def kid(a, b, seed=0):
+    """(mean, std) over subsets, or None when a side has no features (a .npz statistics file)."""
+    from .distance import kernel_inception_distance
 
-    if source.kind == "stats":
-        return Side(mu=source.mu, sigma=source.sigma)
-    return Side(cached_features(source, model, cache_dir, batch_size, device))
+    if a.features is None or b.features is None:
+        return None
+    return kernel_inception_distance(a.features, b.features, seed=seed)
+
+
+def measure_reference(source, model, cache_dir, batch_size, device, skip_bad=False):
+    """A reference, floor or training Source → Measurement with features (none for a .npz statistics file),
+    cached in cache_dir."""
+    from .statistics import measure
+
+    return measure(source, model, batch_size, device, skip_bad=skip_bad, keep_features=True, cache_dir=cache_dir)
+
+
+def precision_recall(real, fake):
+    """neighbours.precision_recall of two Measurements' features, (None, None) where a side has none."""
+    from .neighbours import precision_recall as pr
+
+    if real is None or fake is None or real.features is None or fake.features is None:
+        return None, None
+    return pr(real.features, fake.features)
+
+
+def memorisation(images, fake, row, ref, train, sources, grid_path):
+    """The memorisation check of a row (None without a training set): nearest train image of each generated one
+    in Inception space and in pixels, the fraction flagged, and a grid of the closest pairs."""
+    from .neighbours import GRID_PAIRS, MEMORISATION_PERCENTILE, closest_pairs, memorisation as check
+
+    if train is None or ref.features is None:
+        return None
+    test_px, train_px = sources[row.ref].array, sources[row.train.spec].array
+    found = {"inception": check(fake.features, ref.features, train.features)}
+    if test_px is not None and test_px.shape[1:] == images.shape[1:] == train_px.shape[1:]:
+        found["pixels"] = check(images, test_px, train_px)
+    save_png(make_grid(closest_pairs(images, train_px, list(found.values())), ncol=2 * len(found)), grid_path)
+    return dict(train_reference=row.train.spec, train_images=train.n, percentile=MEMORISATION_PERCENTILE,
+                grid=os.path.basename(grid_path), grid_pairs=GRID_PAIRS, **{k: v.summary() for k, v in found.items()})
 
 
 def _settings(args, gen):
@@ -202,31 +229,43 @@ def generate(gen, row, n, args, settings, progress):
 def run(args, gen):
     """sample.py --report. Returns the exit code."""
     from .inception import load_inception
-    from .statistics import default_cache_dir, features_from_uint8, resolve_source
+    from .sources import resolve_source
+    from .statistics import Measurement, check_dimensions, default_cache_dir, features_from_uint8
 
     t_start = time.perf_counter()
     n = REPORT_N if isinstance(args.n, DefaultN) else args.n
     rows = plan(args, gen, n)
     data_dir = args.data_dir or gen.cfg.data.data_dir
     cache_dir = args.cache_dir or default_cache_dir()
-    # Every reference and floor is read (and checked) before anything slow starts.
-    sources = {spec: resolve_source(spec, data_dir) for row in rows
-               for spec in (row.ref, None if row.floor is None else row.floor.spec) if spec is not None}
+    # Every reference, floor and training set is read (and checked) before anything slow starts. The floor is
+    # the first n images of the training set when there is one, so it is not read twice.
+    wanted = [row.ref for row in rows] + [(row.train or row.floor).spec for row in rows if row.floor is not None]
+    sources = {spec: resolve_source(spec, data_dir) for spec in dict.fromkeys(wanted)}
+    for spec in wanted[len(rows):]:
+        if len(sources[spec]) < n:
+            raise UserError(f"{spec} holds {len(sources[spec])} images, fewer than --n {n}; use --n "
+                            f"{len(sources[spec])} or less")
     for row in rows:
         source = sources[row.ref]
         if source.kind != "stats" and n > len(source):
             raise UserError(f"--n {n} is more than the {len(source)} images of the reference {row.ref}; use "
                             f"--n {len(source)} or less (the floor must compare as many real images)")
-    os.makedirs(args.out, exist_ok=True)
     model = load_inception(args.inception_weights, gen.device)
+    check_dimensions([sources[row.ref] for row in rows], model, gen.device)
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create output folder {args.out}: {e.strerror}; choose a writable --out") from None
     settings = _settings(args, gen)
     say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    reference = lambda spec: measure_reference(sources[spec], model, cache_dir, args.batch_size,  # noqa: E731
+                                               gen.device, bool(args.skip_bad))
     results = []
     for row in rows:
         t_row = time.perf_counter()
-        ref = measure_reference(sources[row.ref], model, cache_dir, args.batch_size, gen.device)
-        floor = None if row.floor is None else measure_reference(sources[row.floor.spec], model, cache_dir,
-                                                                 args.batch_size, gen.device)
+        ref = reference(row.ref)
+        train = None if row.train is None else reference(row.train.spec)
+        floor = train.head(n) if train is not None else None if row.floor is None else reference(row.floor.spec)
 
         def progress(done, total):
             dt = time.perf_counter() - t_gen
@@ -235,16 +274,21 @@ def run(args, gen):
         t_gen = time.perf_counter()
         images = generate(gen, row, n, args, settings, progress)
         gen_seconds = time.perf_counter() - t_gen
-        fake = Side(features_from_uint8(images, model, args.batch_size, gen.device, progress=True))
+        fake = Measurement.from_features(features_from_uint8(images, model, args.batch_size, gen.device,
+                                                             progress=True))
         suffix = "" if len(rows) == 1 else f"_{row.label}"
         _save_array(images, os.path.join(args.out, f"report_images{suffix}.npy"))
         save_png(make_grid(images[:GRID_IMAGES]), os.path.join(args.out, f"report_grid{suffix}.png"))
-        fid, floor_fid = fake.fid(ref), None if floor is None else floor.fid(ref)
+        fid_, floor_fid = fid(fake, ref), None if floor is None else fid(floor, ref)
+        (precision, recall), floor_pr = precision_recall(ref, fake), precision_recall(ref, floor)
         results.append(dict(
             condition=row.label if row.cond_index is not None else None, reference=row.ref,
             reference_images=ref.n, floor_reference=None if row.floor is None else row.floor.spec,
-            fid=fid, floor=floor_fid, ratio=None if floor_fid is None else fid / floor_fid,
-            kid=fake.kid(ref, args.seed), floor_kid=None if floor is None else floor.kid(ref, args.seed),
+            fid=fid_, floor=floor_fid, ratio=None if floor_fid is None else fid_ / floor_fid,
+            kid=kid(fake, ref, args.seed), floor_kid=None if floor is None else kid(floor, ref, args.seed),
+            precision=precision, recall=recall, floor_precision=floor_pr[0], floor_recall=floor_pr[1],
+            memorisation=memorisation(images, fake, row, ref, train, sources,
+                                      os.path.join(args.out, f"report_nearest{suffix}.png")),
             generate_seconds=gen_seconds,
             seconds=time.perf_counter() - t_row))
     summary = dict(ckpt=os.fspath(args.ckpt), model=gen.kind, step=gen.step, n=n, seed=args.seed, **settings,
@@ -269,8 +313,15 @@ def _save_array(images, path):
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _fmt(x, scale=1.0, digits=2):
-    return "—" if x is None else f"{x * scale:.{digits}f}"
+def _fmt(x, scale=1.0, digits=2, unit=""):
+    return "—" if x is None else f"{x * scale:.{digits}f}{unit}"
+
+
+def _memorised(m):
+    """'1.2 % / 0.8 %': the fractions flagged in Inception space / in pixels."""
+    if m is None:
+        return "—"
+    return " / ".join(_fmt(m[space]["fraction"], 100, 1, " %") for space in ("inception", "pixels") if space in m)
 
 
 def markdown(summary):
@@ -280,12 +331,14 @@ def markdown(summary):
         + (f", η = {summary['eta']:g}" if summary["sampler"] == "ddim" and summary["eta"] else "")
         + ("" if summary["cfg_scale"] is None else f", w = {summary['cfg_scale']:g}"))
     lines = ["| checkpoint | step | sampling | condition | N | reference | FID | floor | FID / floor "
-             "| KID ×1e3 | floor KID ×1e3 | seconds |",
-             "|---|---:|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+             "| KID ×1e3 | floor KID ×1e3 | precision (floor) | recall (floor) | memorised: Inception / pixels "
+             "| seconds |",
+             "|---|---:|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in summary["results"]:
         kid = "—" if r["kid"] is None else f"{r['kid'][0] * KID_SCALE:.2f} ± {r['kid'][1] * KID_SCALE:.2f}"
         fkid = "—" if r["floor_kid"] is None else f"{r['floor_kid'][0] * KID_SCALE:.2f}"
+        pr = [f"{_fmt(r[k])} ({_fmt(r['floor_' + k])})" for k in ("precision", "recall")]
         lines.append(f"| {summary['ckpt']} | {summary['step']} | {how} | {r['condition'] or '—'} | {summary['n']} | "
-                     f"{r['reference']} | {_fmt(r['fid'])} | {_fmt(r['floor'])} | {_fmt(r['ratio']) + '×' if r['ratio'] is not None else '—'} | {kid} | "
-                     f"{fkid} | {r['seconds']:.0f} |")
+                     f"{r['reference']} | {_fmt(r['fid'])} | {_fmt(r['floor'])} | {_fmt(r['ratio'], unit='×')} | "
+                     f"{kid} | {fkid} | {pr[0]} | {pr[1]} | {_memorised(r['memorisation'])} | {r['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
