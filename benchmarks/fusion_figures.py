@@ -38,8 +38,9 @@ else:
     # Fusion k blends test cats k and (k + 1) mod 1000 (1,000 distinct pairs, each cat once as A and once as B)
     # at λ = 0.5 from t = T/2 with shared noise and seed k, then DDIM back to 0: the same call as --fuse.
     from tinyddpm.inception import load_inception
-    from tinyddpm.report import Side, measure_reference
-    from tinyddpm.statistics import features_from_uint8, resolve_source
+    from tinyddpm.report import fid, kid, measure_reference
+    from tinyddpm.sources import resolve_source
+    from tinyddpm.statistics import Measurement, features_from_uint8
 
     T = gen.diffusion.num_timesteps
     t = fusion.to_index(T // 2, T)
@@ -60,12 +61,12 @@ else:
     cache = ".cache/fid"
     ref, train_ref, floor = (measure_reference(resolve_source(spec, CIFAR), model, cache, 50, "cpu")
                              for spec in ("cifar10:cat:test", "cifar10:cat:train:1000", f"cifar10:cat:train:{n}"))
-    sides = {"fusions": Side(features_from_uint8(fused, model))}
+    sides = {"fusions": Measurement.from_features(features_from_uint8(fused, model))}
     if sys.argv[6:] == ["mix"]:
-        sides["pixel mix"] = Side(features_from_uint8(mix.astype(np.uint8), model))
+        sides["pixel mix"] = Measurement.from_features(features_from_uint8(mix.astype(np.uint8), model))
     print(f"N = {n}, λ = 0.5, t = {T // 2} of {T}, shared noise, DDIM {steps} steps, η = {eta:g}, step {gen.step}")
-    print(f"floor: {n} train cats vs the 1000 test cats: FID {floor.fid(ref):.2f}, KID×1e3 {1e3 * floor.kid(ref)[0]:.2f}")
+    print(f"floor: {n} train cats vs the 1000 test cats: FID {fid(floor, ref):.2f}, KID×1e3 {1e3 * kid(floor, ref)[0]:.2f}")
     for name, side in sides.items():
-        print(f"{name}: vs the 1000 test cats (their inputs) FID {side.fid(ref):.2f}, KID×1e3 "
-              f"{1e3 * side.kid(ref)[0]:.2f}; vs 1000 train cats (independent) FID {side.fid(train_ref):.2f}")
+        print(f"{name}: vs the 1000 test cats (their inputs) FID {fid(side, ref):.2f}, KID×1e3 "
+              f"{1e3 * kid(side, ref)[0]:.2f}; vs 1000 train cats (independent) FID {fid(side, train_ref):.2f}")
     print(f"({time.time() - t0:.0f}s)")

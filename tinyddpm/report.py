@@ -13,12 +13,18 @@ figure means something only beside its floor, measured with the same N and refer
 gets one row per class: N images generated for that class against that class's test images, and that class's
 floor. The reference and floor images never overlap (test vs train split).
 
-The reference's and the floor's Inception features are cached (--cache-dir, default ~/.cache/tinyddpm/fid),
-keyed by the images and the weights, so a second report measures only the generated images.
+Quality or copying: precision and recall (k = 3) against the reference, beside the floor's, and a memorisation
+check against the model's whole train split (the fraction of samples nearer to a training image, in Inception
+space and in pixels, than 95 % of the test images are; tinyddpm/neighbours.py).
+
+The Inception features of the reference and the train split are cached (--cache-dir, default
+~/.cache/tinyddpm/fid), keyed by the images and the weights, so a second report measures only the generated images.
+The floor is the first N images of that train split, so it costs nothing extra.
 
 Writes into --out: report.json (every figure and setting), report.md (a Markdown table, one row per class), the
 generated images as report_images[_<class>].npy (uint8 [N, S, S, 3]: `python fid.py report_images.npy
-cifar10:cat:test` gives the same FID) and report_grid[_<class>].png (the first GRID_IMAGES of them).
+cifar10:cat:test` gives the same FID), report_grid[_<class>].png (the first GRID_IMAGES of them) and
+report_nearest[_<class>].png (the samples nearest to the training set, each beside its nearest training image).
 """
 import json
 import os

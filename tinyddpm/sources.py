@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from .config import DataConfig
-from .data import CIFAR10_CLASSES, CIFAR10_SPLITS, load_cifar10, resolve_classes
+from . import data
+from .data import CIFAR10_CLASSES, CIFAR10_SPLITS, resolve_classes
 from .errors import UserError
 from .files import atomic_write_bytes
 from .imageio import IMAGE_EXTENSIONS, load_rgb
@@ -82,7 +83,7 @@ def parse_cifar_reference(spec):
 
 def load_cifar_reference(ref, data_dir, download=True):
     """uint8 [N, 32, 32, 3]: the images a CifarReference names (downloading CIFAR-10 into data_dir if needed)."""
-    images, _ = load_cifar10(data_dir, ref.split, ref.classes, download=download)
+    images, _ = data.load_cifar10(data_dir, ref.split, ref.classes, download=download)
     if ref.count is not None:
         if ref.count > len(images):
             raise UserError(f"{ref.spec} asks for {ref.count} images but the {ref.split} split has only "
@@ -117,7 +118,8 @@ def scan_images(folder):
                 continue
             if (st.st_dev, st.st_ino) in seen:
                 dirnames.remove(name)
-                skipped.append((sub, "a folder already searched (symlink loop)"))
+                skipped.append((sub, "symlink loop or second link to a folder already searched"))
+            seen.add((st.st_dev, st.st_ino))
         dirnames.sort()
         for name in sorted(filenames):
             path = os.path.join(dirpath, name)
