@@ -145,6 +145,13 @@ def test_one_cache_holds_features_for_kid(fake, other, tmp_path, capsys):
     assert fake.seen == 2 * GOOD
 
 
+def test_a_cache_that_cannot_be_written_costs_no_result(fake, other, tmp_path, capsys):
+    (tmp_path / "cache").write_text("a file, not a folder")
+    code, out, err = run_fid(capsys, folder(tmp_path), other, "--cache-dir", tmp_path / "cache")
+    assert code == 0 and out.startswith("FID: ") and "not cached" in err, err
+    assert (tmp_path / "cache").read_text() == "a file, not a folder"
+
+
 # ---- statistics files and arrays: one line each --------------------------------------------------------------------
 D = 12  # FakeInception's width
 EYE = np.eye(D)

@@ -207,11 +207,11 @@ def check_dimensions(sources, model=None, device="cpu"):
         return
     want, what = stats[0].mu.shape[0], stats[0].name
     if model is not None:
-        want, what = feature_dim(model, device), "the Inception's features"
+        want, what = feature_dim(model, device), "the Inception"
     for s in stats:
         if s.mu.shape[0] != want:
-            raise UserError(f"{s.name} holds statistics of {s.mu.shape[0]} features, but {what} have {want}; "
-                            f"compute both sides with the same Inception")
+            raise UserError(f"the statistics have different sizes: {s.name} has {s.mu.shape[0]} features, {what} "
+                            f"has {want}; compute both sides with the same Inception")
 
 
 # ---- the cache: one .npz per Measurement ---------------------------------------------------------------------------
@@ -249,4 +249,7 @@ def _save_cached(key, cache_dir, m):
     extra = dict(n=m.n, skipped=m.skipped)
     if m.features is not None:
         extra["features"] = m.features
-    save_statistics(_cache_path(key, cache_dir), m.mu, m.sigma, force=True, **extra)
+    try:
+        save_statistics(_cache_path(key, cache_dir), m.mu, m.sigma, force=True, **extra)
+    except UserError as e:  # a full or read-only cache must not cost the result just measured
+        print(f"warning: not cached ({e})", file=sys.stderr)
