@@ -213,6 +213,15 @@ def test_bad_image_arrays(array, says, fake, other, tmp_path, capsys):
     assert fake.seen == 0
 
 
+def test_inputs_that_are_links_or_not_files(fake, other, tmp_path, capsys):
+    os.symlink(tmp_path / "gone.npz", tmp_path / "dangling.npz")
+    assert_user_error(*run_fid(capsys, tmp_path / "dangling.npz", other)[::2], "does not exist")
+    os.mkfifo(tmp_path / "pipe.npz")  # np.load would wait for a writer forever
+    assert_user_error(*run_fid(capsys, tmp_path / "pipe.npz", other)[::2], "not a regular file")
+    os.symlink(folder(tmp_path), tmp_path / "linked")  # a link to a folder is that folder
+    assert run_fid(capsys, tmp_path / "linked", other)[0] == 0 and fake.seen == 2 * GOOD
+
+
 def test_unreadable_array_files(fake, other, tmp_path, capsys):
     (tmp_path / "empty.npy").write_bytes(b"")
     np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)

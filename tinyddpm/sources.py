@@ -167,8 +167,8 @@ class Source:
         for path, why in self.skipped:
             by_why.setdefault(why, []).append(path)
         parts = [f"{len(p)} {why} (e.g. {os.path.relpath(p[0], self.name)!r})" for why, p in by_why.items()]
-        many = "y that is" if len(self.skipped) == 1 else "ies that are"
-        return f"{self.name}: left out {len(self.skipped)} entr{many} not images: {'; '.join(parts)}"
+        what = "entry that is not an image" if len(self.skipped) == 1 else "entries that are not images"
+        return f"{self.name}: left out {len(self.skipped)} {what}: {'; '.join(parts)}"
 
     def fingerprint(self):
         """What is measured, for a cache key: each file's name, size and mtime, or the bytes of an array."""
@@ -249,6 +249,8 @@ def resolve_source(spec, data_dir=DataConfig.data_dir):
             raise UserError(f"{path} has {what} (looked recursively for {'/'.join(e[1:] for e in IMAGE_EXTENSIONS)});"
                             f" FID needs at least {MIN_IMAGES}")
         return Source("folder", path, paths=paths, skipped=skipped)
+    if not os.path.isfile(path):  # a FIFO or device: reading it could block forever
+        raise UserError(f"{path} is not a regular file; pass a folder of images, a .npz or a .npy file")
     ext = os.path.splitext(path)[1].lower()
     if ext == ".npy":
         try:
