@@ -307,6 +307,7 @@ def test_report_advises_its_own_skip_bad(folder_model, fake, tmp_path, capsys):
     (tmp_path / "ref" / "broken.png").write_bytes(b"not a png")
     code, out, err = run_script(sample, _report(folder_model, tmp_path, d), capsys)
     assert_user_error(code, err, "broken.png", "--skip-bad")
+    assert not (tmp_path / "rep").exists()  # stopped before the output folder was made
     code, out, err = run_script(sample, _report(folder_model, tmp_path, d, "--skip-bad"), capsys)
     assert code == 0 and "skipped 1 unreadable" in err, err
 

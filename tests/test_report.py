@@ -180,6 +180,8 @@ def test_gan_and_folder_models(ckpts, fake, cifar_root, tmp_path, capsys):
     ("cat", ["--ref", "cifar10:cat:test:many"], "positive integer"),
     ("cat", ["--n", "1"], "at least 2"),
     ("cat", ["--train-images", "-1"], "--train-images"),
+    ("cat", ["--train-images", "99999"], "at most 5000"),
+    ("cat", ["--ref", "cifar10::test"], "names no class"),
     ("cat", ["--class", "cat"], "unconditional"),
     ("cat", ["--cfg-scale", "2"], "conditional"),
     ("cond", ["--class", "dog"], "not trained"),

@@ -258,20 +258,20 @@ def run(args, gen):
                             f"--n {len(source)} or less (the floor must compare as many real images)")
     model = load_inception(args.inception_weights, gen.device)
     check_dimensions([sources[row.ref] for row in rows], model, gen.device)
+    # Real images first (cached after the first report): an unreadable one stops the report before --out exists.
+    real = {spec: measure_reference(source, model, cache_dir, args.batch_size, gen.device, bool(args.skip_bad))
+            for spec, source in sources.items()}
     try:
         os.makedirs(args.out, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create output folder {args.out}: {e.strerror}; choose a writable --out") from None
     settings = _settings(args, gen)
     say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    reference = lambda spec: measure_reference(sources[spec], model, cache_dir, args.batch_size,  # noqa: E731
-                                               gen.device, bool(args.skip_bad))
     results = []
     for row in rows:
         t_row = time.perf_counter()
-        ref = reference(row.ref)
-        train = None if row.train is None else reference(row.train.spec)
-        floor = train.head(n) if train is not None else None if row.floor is None else reference(row.floor.spec)
+        ref, train = real[row.ref], None if row.train is None else real[row.train.spec]
+        floor = train.head(n) if train is not None else None if row.floor is None else real[row.floor.spec]
 
         def progress(done, total):
             dt = time.perf_counter() - t_gen
