@@ -215,9 +215,12 @@ def _settings(args, gen):
     if gen.kind != "ddpm":
         return dict(sampler=None, steps=None, eta=None, cfg_scale=None)
     sampler = args.sampler or "ddim"
+    # spacing and churn (samplers.sample) when the command line has them; None leaves the sampler's default.
+    solver = {k: getattr(args, k, None) for k in ("spacing", "churn")}
     return dict(sampler=sampler, steps=gen.diffusion.num_timesteps if sampler == "ddpm" else
                 (args.steps or DEFAULT_DDIM_STEPS), eta=args.eta or 0.0,
-                cfg_scale=None if gen.labels["kind"] == "none" else (1.0 if args.cfg_scale is None else args.cfg_scale))
+                cfg_scale=None if gen.labels["kind"] == "none" else (1.0 if args.cfg_scale is None else args.cfg_scale),
+                **solver)
 
 
 def generate(gen, row, n, args, settings, progress):
@@ -229,7 +232,8 @@ def generate(gen, row, n, args, settings, progress):
     if gen.kind != "ddpm":
         return gen.images(seeds, cond, args.batch_size, progress)
     return gen.images(seeds, cond, args.batch_size, progress, sampler=settings["sampler"], steps=settings["steps"],
-                      eta=settings["eta"], cfg_scale=settings["cfg_scale"] or 1.0, clip_x0=not args.no_clip)
+                      eta=settings["eta"], cfg_scale=settings["cfg_scale"] or 1.0, clip_x0=not args.no_clip,
+                      **{k: settings[k] for k in ("spacing", "churn") if settings.get(k) is not None})
 
 
 def run(args, gen):
@@ -335,6 +339,8 @@ def markdown(summary):
     how = summary["model"] if summary["sampler"] is None else (
         f"{summary['sampler']} {summary['steps']}"
         + (f", η = {summary['eta']:g}" if summary["sampler"] == "ddim" and summary["eta"] else "")
+        + (f", {summary['spacing']} spacing" if summary.get("spacing") else "")
+        + (f", churn {summary['churn']:g}" if summary.get("churn") else "")
         + ("" if summary["cfg_scale"] is None else f", w = {summary['cfg_scale']:g}"))
     lines = ["| checkpoint | step | sampling | condition | N | reference | FID | floor | FID / floor "
              "| KID ×1e3 | floor KID ×1e3 | precision (floor) | recall (floor) | memorised: Inception / pixels "
