@@ -17,7 +17,7 @@ import math
 import numpy as np
 import torch
 
-SPACINGS = ("uniform", "karras")   # whole timesteps evenly spaced in t (DDIM's), or Karras et al.'s σ spacing
+SPACINGS = ("uniform", "karras")   # whole timesteps evenly spaced in t, or Karras et al.'s σ spacing
 KARRAS_RHO = 7.0                   # ρ of Karras et al. (2022): levels crowd towards low noise
 HEUN_S_MAX = 80.0                  # EDM's σ_max: Heun from pure noise starts no higher (its steps in s are linear)
 MAX_CHURN_GAMMA = math.sqrt(2.0) - 1.0   # EDM's cap on γ: at most double the variance in one churn
