@@ -1,56 +1,122 @@
 """Fréchet distance between two Gaussians, and the kernel inception distance (KID), in float64.
 
-FD = |μ1 − μ2|² + tr Σ1 + tr Σ2 − 2 tr √(Σ1 Σ2). The last trace is computed without a matrix square root of the
-non-symmetric Σ1 Σ2 (scipy.linalg.sqrtm, whose disp= argument pytorch-fid uses is gone in SciPy 1.18): Σ1 Σ2 is
-similar to the symmetric PSD matrix M = Rᵀ Σ2 R for any R with R Rᵀ = Σ1, so tr √(Σ1 Σ2) = Σ √λ_i(M). R is the
-Cholesky factor when Σ1 is well conditioned (cheap), else the symmetric square root from eigh (works for a singular
-Σ1). Every step is symmetric, so fewer images than 2048 features give no NaN and no imaginary part.
+FD = |μ1 − μ2|² + tr Σ1 + tr Σ2 − 2 tr √(Σ1 Σ2). pytorch-fid takes the last trace from scipy.linalg.sqrtm of the
+non-symmetric Σ1 Σ2 (a complex Schur decomposition, slow, and an imaginary part to drop). Here it comes from
+eigenvalues: Σ1 Σ2 is similar to the symmetric PSD matrix M = Rᵀ Σ2 R for any R with R Rᵀ = Σ1, so
+tr √(Σ1 Σ2) = Σ √λ_i(M). Every step is one of scipy's LAPACK routines on symmetric matrices:
+- a full-rank Σ1 (≥ d + 1 images): R is its Cholesky factor (potrf), M = Rᵀ Σ2 R is formed by sygst (itype 2),
+  and syevd gives M's eigenvalues without eigenvectors;
+- a singular Σ1 (fewer images than features): R = V √w from the symmetric eigendecomposition (syevr), keeping only
+  the r directions with w > 0, so M is r × r. Σ1 and Σ2 swap roles first if that makes the factor full rank.
+Inputs that are not a covariance (complex, not symmetric, not positive semi-definite, no features) are refused with
+a BadStatistics error: a ValueError for library callers and a UserError, so scripts print it as one line.
 """
 import warnings
 
 import numpy as np
+import scipy.linalg
+from scipy.linalg import lapack
 
-SINGULAR_RTOL = 1e-10  # eigenvalues below this × the largest count as zero (a singular covariance)
+from .errors import UserError
+
+SINGULAR_RTOL = 1e-10  # eigenvalues / Cholesky pivots below this × the largest count as zero (a singular covariance)
+PSD_RTOL = 1e-4  # a covariance may have eigenvalues down to −PSD_RTOL × its largest variance (float32 round-off)
+SYMMETRY_RTOL = 1e-4  # and asymmetry up to SYMMETRY_RTOL × its largest variance (round-off of the product XᵀX)
 KID_SUBSETS = 100  # KID defaults of Bińkowski et al. / torch-fidelity
 KID_SUBSET_SIZE = 1000
+KID_MIN_SUBSET = 2  # the unbiased MMD² averages over pairs i ≠ j within a subset
+SIDES = ("first", "second")
 
 
-def _sym_sqrt(a):
-    """Symmetric PSD square root by eigendecomposition; tiny negative eigenvalues (round-off) are clipped to 0."""
-    w, v = np.linalg.eigh(a)
-    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+class BadStatistics(UserError, ValueError):
+    """Statistics or features that no distance can be computed from. The message says which input and why."""
 
 
-def _factor(a):
-    """R with R Rᵀ = a: Cholesky (n³/3 flops) if a is clearly positive definite, else the eigh square root."""
-    try:
-        chol = np.linalg.cholesky(a)
-        pivots = np.diag(chol) ** 2  # a near-singular a gives tiny pivots and an inaccurate factor
-        if pivots.min() > SINGULAR_RTOL * pivots.max():
-            return chol
-    except np.linalg.LinAlgError:
-        pass
-    return _sym_sqrt(a)
+def _real(a, what):
+    """float64 array of finite real numbers. A complex one is refused: casting would drop its imaginary part."""
+    a = np.asarray(a)
+    if np.iscomplexobj(a):
+        raise BadStatistics(f"{what} is complex (largest |imaginary part| {np.abs(a.imag).max():.3g}); a mean, "
+                            f"covariance or feature is real: recompute the statistics")
+    if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)):
+        raise BadStatistics(f"{what} holds {a.dtype} values, not numbers; recompute the statistics")
+    a = a.astype(np.float64)
+    if not np.isfinite(a).all():
+        raise BadStatistics(f"{what} contains NaN or inf; recompute the statistics")
+    return a
+
+
+def _cholesky(a):
+    """Lower Cholesky factor of a (LAPACK potrf), or None if a is not numerically positive definite."""
+    chol, info = lapack.dpotrf(a, lower=1, clean=1)
+    return chol if info == 0 else None
+
+
+def _check_covariance(sigma, what):
+    """Symmetric and positive semi-definite up to round-off (PSD_RTOL, SYMMETRY_RTOL × the largest variance).
+    Returns (symmetrised sigma, its Cholesky factor or None). One potrf decides PSD: Σ + τI is positive definite
+    iff every eigenvalue of Σ exceeds −τ."""
+    scale = max(np.abs(np.diag(sigma)).max(), np.finfo(np.float64).tiny)
+    asym = np.abs(sigma - sigma.T).max()
+    if asym > SYMMETRY_RTOL * scale:
+        raise BadStatistics(f"{what} is not symmetric (|Σ − Σᵀ| up to {asym:.3g}, largest variance {scale:.3g}): "
+                            f"not a covariance matrix; recompute the statistics")
+    sigma = (sigma + sigma.T) / 2  # remove round-off asymmetry
+    chol = _cholesky(sigma)
+    if chol is None and _cholesky(sigma + PSD_RTOL * scale * np.eye(len(sigma))) is None:
+        low = scipy.linalg.eigh(sigma, eigvals_only=True, subset_by_index=[0, 0], check_finite=False)[0]
+        raise BadStatistics(f"{what} is not positive semi-definite (eigenvalue {low:.4g}, largest variance "
+                            f"{scale:.4g}): not a covariance matrix; recompute the statistics")
+    return sigma, chol
+
+
+def _well_conditioned(chol):
+    """A near-singular matrix still factors, with tiny pivots and an inaccurate factor: refuse those."""
+    pivots = np.diag(chol) ** 2
+    return pivots.min() > SINGULAR_RTOL * pivots.max()
+
+
+def _eigvals_product(s1, chol1, s2, chol2):
+    """Eigenvalues of Σ1 Σ2 (≥ 0 up to round-off) and whether the route saw a singular covariance."""
+    for a, chol in ((s2, chol1), (s1, chol2)):  # λ(Σ1 Σ2) = λ(Σ2 Σ1): either full-rank factor will do
+        if chol is not None and _well_conditioned(chol):
+            m, info = lapack.dsygst(a, chol, itype=2, lower=1)  # Lᵀ A L in the lower triangle
+            assert info == 0, info
+            return scipy.linalg.eigh(m, lower=True, eigvals_only=True, driver="evd", check_finite=False), False
+    w, v = scipy.linalg.eigh(s1, driver="evr", check_finite=False)
+    keep = w > SINGULAR_RTOL * max(w.max(), np.finfo(np.float64).tiny)  # drop the null space of Σ1: it adds 0
+    if not keep.any():  # Σ1 = 0 (all images alike): Σ1 Σ2 = 0
+        return np.zeros(1), True
+    r = v[:, keep] * np.sqrt(w[keep])  # [d, r], R Rᵀ = Σ1
+    return scipy.linalg.eigh(r.T @ s2 @ r, eigvals_only=True, driver="evd", check_finite=False), True
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, n1=None, n2=None):
     """FD between N(mu1, sigma1) and N(mu2, sigma2). n1/n2 (images behind each side, if known) only feed the
-    small-sample warning. Warns (UserWarning) when a covariance is singular: FID is then biased, prefer KID."""
-    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
-    s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
-    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != mu1.shape * 2:
-        raise ValueError(f"shapes differ: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}")
-    s1, s2 = (s1 + s1.T) / 2, (s2 + s2.T) / 2  # symmetric by construction; remove round-off asymmetry
-    r = _factor(s1)
-    eig = np.linalg.eigvalsh(r.T @ s2 @ r)  # λ(Rᵀ Σ2 R) = λ(Σ1 Σ2), all ≥ 0 up to round-off
+    small-sample warning. Warns (UserWarning) when a covariance is singular: FID is then biased, prefer KID.
+    Raises BadStatistics for inputs that are not a mean and covariance of the same, non-zero size."""
+    mus = [_real(m, f"the {side} input's mu") for m, side in zip((mu1, mu2), SIDES)]
+    sigmas = [_real(s, f"the {side} input's sigma") for s, side in zip((sigma1, sigma2), SIDES)]
+    for mu, sigma, side in zip(mus, sigmas, SIDES):
+        if mu.ndim != 1 or sigma.shape != mu.shape * 2:
+            raise BadStatistics(f"the {side} input's mu {mu.shape} and sigma {sigma.shape} are not a mean [d] and "
+                                f"covariance [d, d]; recompute the statistics")
+    if mus[0].shape != mus[1].shape:
+        raise BadStatistics(f"the inputs' statistics have different sizes ({len(mus[0])} vs {len(mus[1])} "
+                            f"features); compute both with the same Inception")
+    dim = len(mus[0])
+    if dim == 0:
+        raise BadStatistics("the statistics have 0 features: there is nothing to compare; recompute them")
+    (s1, chol1), (s2, chol2) = [_check_covariance(s, f"the {side} input's sigma") for s, side in zip(sigmas, SIDES)]
+
+    eig, singular = _eigvals_product(s1, chol1, s2, chol2)
     tr_covmean = np.sqrt(np.clip(eig, 0, None)).sum()
-    dim = mu1.shape[0]
     small = [n for n in (n1, n2) if n is not None and n <= dim]
-    if small or eig.min() <= SINGULAR_RTOL * max(eig.max(), 1e-300):
+    if small or singular or eig.min() <= SINGULAR_RTOL * max(eig.max(), np.finfo(np.float64).tiny):
         why = f"{min(small)} images ≤ {dim} features" if small else "a covariance is singular"
         warnings.warn(f"{why}: FID is biased (too high) at small N and not comparable across N; KID (--kid) is "
                       f"the better number there", stacklevel=2)
-    diff = mu1 - mu2
+    diff = mus[0] - mus[1]
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
 
 
@@ -71,10 +137,17 @@ def kernel_inception_distance(feats1, feats2, subsets=KID_SUBSETS, subset_size=K
     """KID: unbiased MMD² averaged over `subsets` random subsets of min(subset_size, N1, N2) features from each
     side (drawn without replacement within a subset). Returns (mean, std) over the subsets. When both sides have
     exactly that many features every subset is the full set, so the value is computed once (std 0)."""
-    f1, f2 = np.asarray(feats1, np.float64), np.asarray(feats2, np.float64)
+    f1, f2 = [_real(f, f"the {side} input's features") for f, side in zip((feats1, feats2), SIDES)]
+    if f1.ndim != 2 or f2.ndim != 2 or f1.shape[1] != f2.shape[1] or f1.shape[1] == 0:
+        raise BadStatistics(f"KID needs features [N, d] of the same d > 0 on both sides (got {f1.shape} and "
+                            f"{f2.shape}); compute both with the same Inception")
+    if subset_size < KID_MIN_SUBSET or subsets < 1:
+        raise BadStatistics(f"KID needs subsets of at least {KID_MIN_SUBSET} images and at least 1 subset (got "
+                            f"subset size {subset_size}, {subsets} subsets)")
     size = min(subset_size, len(f1), len(f2))
-    if size < 2:
-        raise ValueError("KID needs at least 2 samples on each side")
+    if size < KID_MIN_SUBSET:
+        raise BadStatistics(f"KID needs at least {KID_MIN_SUBSET} images on each side (got {len(f1)} and "
+                            f"{len(f2)})")
     if size == len(f1) == len(f2):  # every subset would be the whole of both sets: one value, no spread
         return float(mmd2_unbiased(f1, f2)), 0.0
     rng = np.random.default_rng(seed)

@@ -1,0 +1,177 @@
+"""Numeric edges of the Fréchet distance and KID (issue 17, item 12): inputs that are not a covariance are refused
+with one line, round-off is tolerated, and the LAPACK routes equal scipy's sqrtm to ~1e-10 relative."""
+import warnings
+
+import numpy as np
+import pytest
+import scipy.linalg
+
+import fid
+from helpers import assert_user_error, run_script
+from tinyddpm.distance import PSD_RTOL, BadStatistics, frechet_distance, kernel_inception_distance
+from tinyddpm.errors import UserError
+
+D = 64
+
+
+def random_spd(rng, d=D, jitter=0.1):
+    a = rng.standard_normal((d, 2 * d))
+    return a @ a.T / (2 * d) + jitter * np.eye(d)
+
+
+def low_rank_plus_jitter(rng, d=D, rank=D // 4, jitter=1e-6):
+    """Like real Inception statistics: a few strong directions and a nearly flat rest."""
+    a = rng.standard_normal((d, rank)) * rng.uniform(0.1, 2, rank)
+    return a @ a.T / rank + jitter * np.eye(d)
+
+
+def sqrtm_route(mu1, s1, mu2, s2):
+    """pytorch-fid's formula with scipy.linalg.sqrtm."""
+    covmean = np.real(scipy.linalg.sqrtm(s1 @ s2))
+    return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+def quiet_fd(*args):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return frechet_distance(*args)
+
+
+# ---- the LAPACK routes against sqrtm ------------------------------------------------------------------------------
+ROUTES = ["full", "low-rank+jitter", "full vs low-rank", "singular both"]
+
+
+@pytest.mark.parametrize("seed, kind", list(enumerate(ROUTES)))
+def test_equals_sqrtm_to_1e10(seed, kind):
+    rng = np.random.default_rng(seed)
+    d = 256
+    if kind == "singular both":  # fewer samples than features: the eigh route of a rank-deficient Σ1
+        x, y = rng.standard_normal((200, d)), rng.standard_normal((200, d)) * 1.3 + 0.2
+        (mu1, s1), (mu2, s2) = [(z.mean(0), np.cov(z, rowvar=False)) for z in (x, y)]
+        # sqrtm itself is only accurate to ~sqrt(eps) on the null space; compare with a looser tolerance
+        assert quiet_fd(mu1, s1, mu2, s2) == pytest.approx(sqrtm_route(mu1, s1, mu2, s2), rel=1e-6)
+        return
+    s1 = random_spd(rng, d) if kind != "low-rank+jitter" else low_rank_plus_jitter(rng, d)
+    s2 = random_spd(rng, d) * 2 if kind == "full" else low_rank_plus_jitter(rng, d)
+    mu1, mu2 = rng.standard_normal(d) * 0.1, rng.standard_normal(d) * 0.1
+    assert quiet_fd(mu1, s1, mu2, s2) == pytest.approx(sqrtm_route(mu1, s1, mu2, s2), rel=1e-10)
+    assert quiet_fd(mu2, s2, mu1, s1) == pytest.approx(sqrtm_route(mu1, s1, mu2, s2), rel=1e-10)  # symmetric
+
+
+def test_zero_covariance_and_identical_singular():
+    """All images alike (Σ = 0) and a rank-deficient Σ against itself: finite, and 0 for identical inputs."""
+    rng = np.random.default_rng(1)
+    s = np.cov(rng.standard_normal((10, D)), rowvar=False)
+    mu = np.ones(D)
+    assert abs(quiet_fd(mu, s, mu, s)) < 1e-6 * np.trace(s)
+    assert quiet_fd(mu, np.zeros((D, D)), mu, s) == pytest.approx(np.trace(s), rel=1e-12)
+
+
+# ---- refused: not a covariance -------------------------------------------------------------------------------------
+def assert_refused(match, *args):
+    with pytest.raises(BadStatistics, match=match) as e:
+        frechet_distance(*args)
+    assert isinstance(e.value, ValueError) and isinstance(e.value, UserError)  # library callers and run_cli alike
+    assert "\n" not in str(e.value)
+
+
+def test_not_positive_semidefinite_is_refused():
+    rng = np.random.default_rng(2)
+    s = random_spd(rng)
+    bad = s.copy()
+    bad[0, 0] = -5.0  # a negative variance: this kind of sigma gave "FID: -736" with exit 0
+    assert_refused("first input's sigma is not positive semi-definite", np.zeros(D), bad, np.zeros(D), s)
+    assert_refused("second input's sigma is not positive semi-definite", np.zeros(D), s, np.zeros(D), -s)
+
+
+def test_round_off_is_tolerated():
+    """A rank-deficient covariance stored in float32 has eigenvalues slightly below 0: accepted, same FD."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((40, D)) @ rng.standard_normal((D, D))
+    s = np.cov(x, rowvar=False)
+    s32 = s.astype(np.float32).astype(np.float64)
+    assert np.linalg.eigvalsh(s32).min() < 0  # round-off really made it indefinite
+    other = random_spd(rng)
+    assert quiet_fd(x.mean(0), s32, np.zeros(D), other) == pytest.approx(
+        quiet_fd(x.mean(0), s, np.zeros(D), other), rel=1e-5)
+    # ... but an eigenvalue well below the tolerance is refused
+    w, v = np.linalg.eigh(s)
+    w[0] = -100 * PSD_RTOL * np.diag(s).max()
+    assert_refused("not positive semi-definite", x.mean(0), (v * w) @ v.T, np.zeros(D), other)
+
+
+def test_complex_sigma_is_refused():
+    rng = np.random.default_rng(4)
+    s = random_spd(rng)
+    assert_refused("first input's sigma is complex", np.zeros(D), s + 0.5j * np.eye(D), np.zeros(D), s)
+    assert_refused("second input's mu is complex", np.zeros(D), s, np.zeros(D) + 1j, s)
+
+
+def test_asymmetric_nan_and_shape_are_refused():
+    rng = np.random.default_rng(5)
+    s = random_spd(rng)
+    skew = s.copy()
+    skew[0, 1] += 1.0
+    assert_refused("not symmetric", np.zeros(D), skew, np.zeros(D), s)
+    nan = s.copy()
+    nan[3, 3] = np.nan
+    assert_refused("NaN", np.zeros(D), s, np.zeros(D), nan)
+    assert_refused("different sizes", np.zeros(D), s, np.zeros(3), np.eye(3))
+    assert_refused("not a mean", np.zeros(D), s[:3], np.zeros(D), s)
+
+
+def test_zero_dimension_statistics_are_refused():
+    assert_refused("0 features", np.zeros(0), np.zeros((0, 0)), np.zeros(0), np.zeros((0, 0)))
+
+
+# ---- KID ------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, n, match", [
+    (dict(subset_size=1), 10, "subsets of at least 2"),
+    (dict(subsets=0), 10, "at least 1 subset"),
+    (dict(), 1, "at least 2 images on each side"),
+])
+def test_kid_refuses_what_has_no_unbiased_estimate(kwargs, n, match):
+    rng = np.random.default_rng(6)
+    with pytest.raises(BadStatistics, match=match):
+        kernel_inception_distance(rng.standard_normal((n, 8)), rng.standard_normal((10, 8)), **kwargs)
+
+
+def test_kid_refuses_mismatched_or_empty_features():
+    rng = np.random.default_rng(7)
+    with pytest.raises(BadStatistics, match="same d"):
+        kernel_inception_distance(rng.standard_normal((10, 8)), rng.standard_normal((10, 9)))
+    with pytest.raises(BadStatistics, match="same d"):
+        kernel_inception_distance(np.zeros((10, 0)), np.zeros((10, 0)))
+    with pytest.raises(BadStatistics, match="complex"):
+        kernel_inception_distance(rng.standard_normal((10, 8)) * 1j, rng.standard_normal((10, 8)))
+
+
+# ---- through fid.py: one line, exit 2 -----------------------------------------------------------------------------
+def save_stats(path, mu, sigma):
+    np.savez(path, mu=mu, sigma=sigma)
+    return str(path)
+
+
+def test_fid_cli_refuses_bad_statistics_in_one_line(tmp_path, capsys):
+    rng = np.random.default_rng(8)
+    s = random_spd(rng)
+    good = save_stats(tmp_path / "good.npz", np.zeros(D), s)
+    for name, mu, sigma, words in [("indefinite", np.zeros(D), -s, ("positive semi-definite",)),
+                                   ("complex", np.zeros(D), s + 1j * np.eye(D), ("complex",)),
+                                   ("empty", np.zeros(0), np.zeros((0, 0)), ("0 features",))]:
+        bad = save_stats(tmp_path / f"{name}.npz", mu, sigma)
+        other = bad if name == "empty" else good
+        code, out, err = run_script(fid, [bad, other, "--device", "cpu"], capsys)
+        assert_user_error(code, err, *words)
+        assert "FID:" not in out
+
+
+def test_fid_cli_kid_subset_size_1_is_one_line(tmp_path, capsys):
+    rng = np.random.default_rng(9)
+    images = [rng.integers(0, 256, (2, 8, 8, 3), dtype=np.uint8) for _ in range(2)]
+    paths = [str(tmp_path / f"{i}.npy") for i in range(2)]
+    for p, im in zip(paths, images):
+        np.save(p, im)
+    code, out, err = run_script(fid, paths + ["--kid", "--kid-subset-size", "1", "--device", "cpu",
+                                              "--batch-size", "2", "--quiet"], capsys)
+    assert_user_error(code, err, "kid", "at least 2")
