@@ -20,8 +20,8 @@ from scipy.linalg import lapack
 from .errors import UserError
 
 SINGULAR_RTOL = 1e-10  # eigenvalues / Cholesky pivots below this × the largest count as zero (a singular covariance)
-PSD_RTOL = 1e-4  # a covariance may have eigenvalues down to −PSD_RTOL × its largest variance (float32 round-off)
-SYMMETRY_RTOL = 1e-4  # and asymmetry up to SYMMETRY_RTOL × its largest variance (round-off of the product XᵀX)
+PSD_RTOL = 1e-4  # eigenvalues down to −PSD_RTOL × the largest entry pass as round-off (float32 storage: ~1e-7)
+SYMMETRY_RTOL = 1e-6  # |Σ − Σᵀ| allowed, relative to the largest entry (as sources.py checks statistics files)
 KID_SUBSETS = 100  # KID defaults of Bińkowski et al. / torch-fidelity
 KID_SUBSET_SIZE = 1000
 KID_MIN_SUBSET = 2  # the unbiased MMD² averages over pairs i ≠ j within a subset
@@ -53,20 +53,20 @@ def _cholesky(a):
 
 
 def _check_covariance(sigma, what):
-    """Symmetric and positive semi-definite up to round-off (PSD_RTOL, SYMMETRY_RTOL × the largest variance).
+    """Symmetric and positive semi-definite up to round-off (SYMMETRY_RTOL, PSD_RTOL × the largest entry).
     Returns (symmetrised sigma, its Cholesky factor or None). One potrf decides PSD: Σ + τI is positive definite
     iff every eigenvalue of Σ exceeds −τ."""
-    scale = max(np.abs(np.diag(sigma)).max(), np.finfo(np.float64).tiny)
+    scale = max(np.abs(sigma).max(), np.finfo(np.float64).tiny)
     asym = np.abs(sigma - sigma.T).max()
     if asym > SYMMETRY_RTOL * scale:
-        raise BadStatistics(f"{what} is not symmetric (|Σ − Σᵀ| up to {asym:.3g}, largest variance {scale:.3g}): "
+        raise BadStatistics(f"{what} is not symmetric (|Σ − Σᵀ| up to {asym:.3g}, largest entry {scale:.3g}): "
                             f"not a covariance matrix; recompute the statistics")
     sigma = (sigma + sigma.T) / 2  # remove round-off asymmetry
     chol = _cholesky(sigma)
     if chol is None and _cholesky(sigma + PSD_RTOL * scale * np.eye(len(sigma))) is None:
         low = scipy.linalg.eigh(sigma, eigvals_only=True, subset_by_index=[0, 0], check_finite=False)[0]
-        raise BadStatistics(f"{what} is not positive semi-definite (eigenvalue {low:.4g}, largest variance "
-                            f"{scale:.4g}): not a covariance matrix; recompute the statistics")
+        raise BadStatistics(f"{what} is not positive semi-definite (eigenvalue {low:.4g}, largest entry {scale:.4g}): "
+                            f"not a covariance matrix; recompute the statistics")
     return sigma, chol
 
 
