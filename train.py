@@ -82,4 +82,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    from tinyddpm.cpu import configure  # threads follow the free cores (tinyddpm/cpu.py)
+
+    sys.exit(run_cli(main, setup=configure))

@@ -13,9 +13,12 @@ class UserError(Exception):
     """Something the user can fix. The message says what is wrong and what to do."""
 
 
-def run_cli(main, argv=None):
-    """Run `main(argv)`; a UserError becomes 'error: <message>' on stderr and exit code 2."""
+def run_cli(main, argv=None, setup=None):
+    """Run `setup()` (if given: a script's start-up, e.g. tinyddpm.cpu.configure), then `main(argv)`; a UserError
+    from either becomes 'error: <message>' on stderr and exit code 2."""
     try:
+        if setup is not None:
+            setup()
         return main(argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

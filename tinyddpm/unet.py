@@ -123,15 +123,17 @@ class ResBlock(nn.Module):
         self.skip = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
 
     def forward(self, x, emb):  # x [B, in_ch, H, W], emb [B, emb_dim] → [B, out_ch, H, W]
+        # In-place adds: a conv's output is not saved for its backward (its input is), so adding into it is safe
+        # and saves a full-size allocation and pass (CPU training is memory-bound outside the convs).
         h = self.conv1(F.silu(self.norm1(x)))
         e = self.emb_proj(F.silu(emb))[:, :, None, None]  # [B, out_ch or 2·out_ch, 1, 1]
         if self.scale_shift_norm:
             scale, shift = e.chunk(2, dim=1)
             h = self.norm2(h) * (1 + scale) + shift
         else:
-            h = self.norm2(h + e)
+            h = self.norm2(h.add_(e))
         h = self.conv2(self.dropout(F.silu(h)))
-        return self.skip(x) + h
+        return h.add_(self.skip(x))
 
 
 class Attention(nn.Module):
@@ -238,6 +240,10 @@ class UNet(nn.Module):
                 self.up.append(Upsample(w))
 
         self.out = nn.Sequential(norm(w), nn.SiLU(), zero_(nn.Conv2d(w, out_channels, 3, padding=1)))
+        # NHWC weights: oneDNN's CPU convolutions and cuDNN's are fastest in channels_last, every activation follows
+        # the weights' layout (the input may be NCHW), and attention's [B, HW, C] tokens are a free view of it.
+        # Parameter names, shapes and values are unchanged: any state dict loads (copied into this layout).
+        self.to(memory_format=torch.channels_last)
 
     def embed(self, t, cond, drop):
         """Time embedding plus condition embedding: [B, emb_dim]."""
