@@ -14,7 +14,7 @@ spec = importlib.util.spec_from_file_location("bench_unet", os.path.join(ROOT, "
 bench = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bench)
 
-TINY_CPU = ["--config", "tiny", "--device", "cpu", "--iters", "2", "--warmup", "1", "--modes", "fp32",
+TINY_CPU = ["--config", "tiny", "--device", "cpu", "--iters", "2", "--warmup", "1", "--repeats", "1",
             "--sample-batch", "4", "--batch-size", "4"]
 FIELDS = ("train_img_s", "train_tflops", "mfu", "sample_img_steps_s")
 
@@ -30,8 +30,8 @@ def test_tiny_cpu_run_prints_the_table_and_writes_json(tmp_path, capsys):
     assert "| tinyddpm | fp32 |" in printed
 
     result = json.loads(out.read_text())
-    systems = ["tinyddpm"] + (["diffusers"] if result["diffusers"] else [])
-    assert [(r["system"], r["mode"]) for r in result["results"]] == [(s, "fp32") for s in systems]
+    systems = ["tinyddpm"] + (["diffusers", "diffusers-cl"] if result["diffusers"] else [])
+    assert [(r["system"], r["mode"]) for r in result["results"]] == [(s, "fp32") for s in systems]  # CPU: fp32
     for r in result["results"]:
         assert all(r[k] > 0 for k in FIELDS), r
         assert r["peak_mem_gib"] is None  # CPU: no CUDA memory statistics
@@ -54,6 +54,7 @@ def test_tiny_cpu_run_prints_the_table_and_writes_json(tmp_path, capsys):
     (["--device", "cuda"], "no CUDA GPU"),
     (["--device", "tpu9"], "not a torch device"),
     (["--iters", "0"], "--iters must be at least 1"),
+    (["--repeats", "0"], "--repeats must be at least 1"),
     (["--json", "."], "is a folder"),
 ])
 def test_user_mistakes_are_one_line_errors(argv, match, capsys, monkeypatch):
@@ -61,3 +62,51 @@ def test_user_mistakes_are_one_line_errors(argv, match, capsys, monkeypatch):
     assert run_cli(bench.main, TINY_CPU + argv) == EXIT_USAGE
     err = capsys.readouterr().err
     assert err.startswith("error: ") and match in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------ benchmarks/bench_sharing.py
+
+sharing_spec = importlib.util.spec_from_file_location("bench_sharing",
+                                                      os.path.join(ROOT, "benchmarks", "bench_sharing.py"))
+sharing = importlib.util.module_from_spec(sharing_spec)
+sharing_spec.loader.exec_module(sharing)
+
+TINY_SHARING = ["--window", "0.3", "--settle", "0.3", "--warmup", "0", "--batch-size", "1"]
+
+
+def test_sharing_benchmark_runs_a_worker_beside_its_own_neighbour(tmp_path, capsys):
+    """One policy at toy sizes: the worker trains, the neighbour starts and is stopped, every figure is reported."""
+    out = tmp_path / "sharing.json"
+    assert sharing.main(TINY_SHARING + ["--policies", "new", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| policy | idle img/s | threads | shared img/s |" in printed and "new: shared / idle = " in printed
+    result = json.loads(out.read_text())
+    (row,) = result["results"]
+    assert row["policy"] == "new" and row["idle_img_s"] > 0 and row["shared_img_s"] > 0
+    assert row["shared_vs_idle"] == row["shared_img_s"] / row["idle_img_s"]
+    assert row["neighbour_iter_s"] > 0 and row["threads_idle"] >= 1 and row["threads_shared"] >= 1
+    assert result["summary"]["new"]["shared_vs_idle"] == row["shared_vs_idle"]
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--window", "0"], "--window must be > 0"),
+    (["--repeats", "0"], "must be at least 1"),
+    (["--json", "."], "is a folder"),
+])
+def test_sharing_benchmark_user_mistakes_are_one_line_errors(argv, match, capsys):
+    assert run_cli(sharing.main, TINY_SHARING + argv) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and match in err and err.count("\n") == 1
+
+
+def test_ratios_are_medians_against_the_faster_diffusers_layout():
+    runs = [dict(system=s, mode="fp32", train_img_s=tr, sample_img_steps_s=sa, peak_mem_gib=None)
+            for s, tr, sa in [("tinyddpm", 30.0, 300.0), ("diffusers", 10.0, 200.0), ("diffusers-cl", 20.0, 100.0),
+                              ("tinyddpm", 40.0, 500.0), ("diffusers", 10.0, 200.0), ("diffusers-cl", 20.0, 100.0),
+                              ("tinyddpm", 90.0, 400.0), ("diffusers", 10.0, 200.0), ("diffusers-cl", 20.0, 100.0)]]
+    rows = bench.median_rows(runs)
+    bench.add_ratios(rows)
+    ours = rows[0]
+    assert (ours["system"], ours["train_img_s"], ours["sample_img_steps_s"], ours["repeats"]) == \
+        ("tinyddpm", 40.0, 400.0, 3)
+    assert ours["train_vs_diffusers"] == 2.0 and ours["sample_vs_diffusers"] == 2.0  # peers: cl train, NCHW sample
