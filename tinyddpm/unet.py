@@ -15,7 +15,8 @@ and the final conv start at zero, so each block starts as the identity and the u
 GPU notes: no data-dependent Python control flow in `forward` (torch.compile traces it without graph breaks); the
 condition is dropped with `torch.where`, not by indexing; attention works on [B, HW, C] tokens, which is a free view
 of a channels_last tensor, and uses F.scaled_dot_product_attention (flash / memory-efficient kernels on CUDA).
-GroupNorm + SiLU is fused by torch.compile; eager mode uses the plain ops.
+GroupNorm + SiLU is fused by torch.compile; eager mode uses the plain ops, SiLU and the residual adds in place.
+CPU: the weights are channels_last (oneDNN's fastest layout here; see docs/speed.md).
 """
 import math
 
@@ -123,16 +124,16 @@ class ResBlock(nn.Module):
         self.skip = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
 
     def forward(self, x, emb):  # x [B, in_ch, H, W], emb [B, emb_dim] → [B, out_ch, H, W]
-        # In-place adds: a conv's output is not saved for its backward (its input is), so adding into it is safe
-        # and saves a full-size allocation and pass (CPU training is memory-bound outside the convs).
-        h = self.conv1(F.silu(self.norm1(x)))
+        # In place where autograd allows it (CPU time outside the convs is memory traffic): a conv's output is not
+        # saved for its backward (its input is), so adding into it is safe; SiLU overwrites a fresh temporary.
+        h = self.conv1(F.silu(self.norm1(x), inplace=True))
         e = self.emb_proj(F.silu(emb))[:, :, None, None]  # [B, out_ch or 2·out_ch, 1, 1]
         if self.scale_shift_norm:
             scale, shift = e.chunk(2, dim=1)
             h = self.norm2(h) * (1 + scale) + shift
         else:
             h = self.norm2(h.add_(e))
-        h = self.conv2(self.dropout(F.silu(h)))
+        h = self.conv2(self.dropout(F.silu(h, inplace=True)))
         return h.add_(self.skip(x))
 
 
@@ -239,7 +240,7 @@ class UNet(nn.Module):
             if i > 0:
                 self.up.append(Upsample(w))
 
-        self.out = nn.Sequential(norm(w), nn.SiLU(), zero_(nn.Conv2d(w, out_channels, 3, padding=1)))
+        self.out = nn.Sequential(norm(w), nn.SiLU(inplace=True), zero_(nn.Conv2d(w, out_channels, 3, padding=1)))
         # NHWC weights: oneDNN's CPU convolutions and cuDNN's are fastest in channels_last, every activation follows
         # the weights' layout (the input may be NCHW), and attention's [B, HW, C] tokens are a free view of it.
         # Parameter names, shapes and values are unchanged: any state dict loads (copied into this layout).
