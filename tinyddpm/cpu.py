@@ -3,7 +3,8 @@
 Threads. torch runs each op on an OpenMP team of one thread per core, and every op ends at a barrier. When another
 busy process shares the cores, the team thread that shares a core with it runs only part of each time slice; every op
 waits for it at the barrier while the other team threads spin (libgomp's default wait policy), taking CPU from the
-other process as well. On 2 cores one single-threaded neighbour cut `tiny` training to 10-30 % of its idle speed.
+other process as well. On 2 cores one single-threaded neighbour cut `tiny` training to 10-30 % of its idle speed
+(issue 18).
 With one thread per free core no op waits for a descheduled thread, and the neighbour keeps its core.
 
 So `configure()` (called by the scripts at start-up, through `run_cli(main, setup=configure)`) measures how much CPU
@@ -19,8 +20,8 @@ nobody waits at a barrier for a descheduled thread, while on an idle machine spi
 
 Allocations. glibc serves every block above its mmap threshold (adaptive, at most 32 MiB) with fresh pages from
 mmap, so each such tensor costs a page fault per 4 KiB and a munmap. At the report's sampling batch of 256, each
-32-channel 32×32 activation is 33.5 MB: sampling spent ~40 % of its CPU time in the kernel (system time) and
-tiny-preset training at large batches likewise. A fixed threshold of HEAP_THRESHOLD_BYTES keeps them in the heap,
+32-channel 32×32 activation is 33.5 MB: sampling spent over a third of its CPU time in the kernel (system time),
+and training at large batches likewise. A fixed threshold of HEAP_THRESHOLD_BYTES keeps them in the heap,
 where freed blocks are reused. Linux only (/proc/stat, glibc); elsewhere `configure` changes nothing.
 """
 import ctypes
