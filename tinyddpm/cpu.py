@@ -37,7 +37,8 @@ ADAPT_INTERVAL_S = 2.0  # how often training re-measures (a neighbour that start
 # A core counts as taken when the other processes use at least this fraction of one. Low on purpose: a neighbour
 # fighting our spinning team gets only ~2/3 of a core, and an occasional 10 % (a shell, a daemon) must not count.
 BUSY_CORE_FRACTION = 0.3
-HEAP_THRESHOLD_BYTES = 1 << 30  # glibc M_MMAP_THRESHOLD: blocks below 1 GiB come from the heap and are reused
+# glibc M_MMAP_THRESHOLD: blocks below 512 MiB come from the heap and are reused (mallopt takes a C int: < 2 GiB).
+HEAP_THRESHOLD_BYTES = 1 << 29
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameter numbers (glibc malloc.h)
 PROC_STAT = "/proc/stat"
 # Fields of /proc/stat's "cpu" line: user nice system idle iowait irq softirq steal (guest time is inside user).
