@@ -89,11 +89,12 @@ class DiffusersUNet(nn.Module):
         super().__init__()
         from diffusers import UNet2DModel
 
-        widths = tuple(cfg.base_channels * m for m in cfg.channel_mults)  # diffusers has one GroupNorm group count:
+        widths = tuple(cfg.base_channels * m for m in cfg.channel_mults)
         sizes = [image_size // 2 ** i for i in range(len(widths))]
         attn = [s in cfg.attn_resolutions for s in sizes]
         self.net = UNet2DModel(
             sample_size=image_size, in_channels=3, out_channels=3, block_out_channels=widths,
+            # One GroupNorm group count for every width: our first level's (same parameters whatever the count).
             layers_per_block=cfg.num_res_blocks, dropout=cfg.dropout, norm_num_groups=norm_groups(widths[0]),
             down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
             up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
@@ -178,7 +179,9 @@ def measure(system, mode, cfg, args, device, flops_per_step):
     memory_format = input_format(system)
     torch.manual_seed(0)
     model = make_model(system, cfg).to(device)  # .to keeps each parameter's layout
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, fused=device.type == "cuda")
+    # The training loop's optimizer: fused on CUDA, foreach on a CPU (tinyddpm/training.py).
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, **(dict(fused=True) if device.type == "cuda" else
+                                                           dict(foreach=True)))
     run = torch.compile(model) if compile_ else model
     if device.type == "cuda":
         torch.cuda.empty_cache()
