@@ -302,6 +302,17 @@ def test_report_ref_folder_with_odd_entries(folder_model, fake, tmp_path, capsys
         assert json.load(f)["results"][0]["fid"] > 0
 
 
+def test_report_ref_folder_with_a_non_utf8_name(folder_model, fake, tmp_path, capfd):
+    """capfd, not capsys: the real sys.stderr writes undecodable bytes as escapes, as a terminal gets them."""
+    try:
+        d = make_image_folder(os.fsdecode(os.path.join(os.fsencode(str(tmp_path)), b"r\xe9f")), n=N, size=8)
+    except (OSError, UnicodeError):
+        pytest.skip("this file system refuses non-UTF-8 names")
+    code, out, err = run_script(sample, _report(folder_model, tmp_path, d), capfd)
+    assert code == 0 and "r\\udce9f" in out, err
+    assert "r\\udce9f" in (tmp_path / "rep" / "report.md").read_text()
+
+
 def test_report_advises_its_own_skip_bad(folder_model, fake, tmp_path, capsys):
     d = make_image_folder(str(tmp_path / "ref"), n=N + 1, size=8)
     (tmp_path / "ref" / "broken.png").write_bytes(b"not a png")

@@ -304,7 +304,8 @@ def run(args, gen):
     summary = dict(ckpt=os.fspath(args.ckpt), model=gen.kind, step=gen.step, n=n, seed=args.seed, **settings,
                    ema=not args.raw, device=str(gen.device), inception=model.weights_id, results=results,
                    wall_seconds=time.perf_counter() - t_start)
-    table = markdown(summary)
+    # A path that is not UTF-8 (undecodable bytes arrive as surrogates) is shown with \x escapes, not a crash.
+    table = markdown(summary).encode("utf-8", "backslashreplace").decode("utf-8")
     atomic_write_bytes(os.path.join(args.out, "report.json"), (json.dumps(summary, indent=2) + "\n").encode())
     atomic_write_bytes(os.path.join(args.out, "report.md"), table.encode())
     if n <= FEATURES:
