@@ -122,6 +122,16 @@ def test_unreadable_images_need_skip_bad_and_decoder_crashes_are_caught(fake, ot
     assert code == 0 and "skipped 2 unreadable" in err, err
 
 
+def test_skip_bad_with_too_few_readable_images(fake, other, tmp_path, capsys):
+    d = tmp_path / "bad"
+    d.mkdir()
+    for name in ("a.png", "b.png", "c.jpg"):
+        (d / name).write_bytes(b"not an image")
+    assert_user_error(*run_fid(capsys, d, other, "--skip-bad")[::2], "only 0 image")
+    make_image_folder(str(d), n=1, size=8)
+    assert_user_error(*run_fid(capsys, d, other, "--skip-bad")[::2], "only 1 image")
+
+
 def test_fingerprint_only_with_a_cache(fake, other, tmp_path, capsys, monkeypatch):
     from tinyddpm import sources
 

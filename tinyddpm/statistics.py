@@ -43,13 +43,17 @@ class RunningStats:
         self.outer += x.T @ x
 
     def mean(self):
+        self._check()
         return self.shift + self.sum / self.n
 
     def cov(self):
-        if self.n < MIN_IMAGES:
-            raise UserError(f"only {self.n} image(s) were measured; FID needs at least {MIN_IMAGES}")
+        self._check()
         m = self.sum / self.n
         return (self.outer - self.n * np.outer(m, m)) / (self.n - 1)
+
+    def _check(self):  # e.g. every file of a folder skipped as unreadable
+        if self.n < MIN_IMAGES:
+            raise UserError(f"only {self.n} image(s) could be measured; FID needs at least {MIN_IMAGES}")
 
 
 def statistics_from_features(feats):
