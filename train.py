@@ -40,7 +40,8 @@ def run_name(cfg):
 
 def train_from_args(args, device):
     from tinyddpm import distributed
-    from tinyddpm.training import say, train
+    from tinyddpm.runs import say
+    from tinyddpm.training import train
 
     overrides = user_overrides(args)
     preset = args.preset

@@ -83,16 +83,18 @@ def test_learned_sigma_and_v_objective_train(tmp_path, capsys):
     assert "bits/dim" in stdout
 
 
-def test_sample_grids_use_the_configured_eta(tmp_path, monkeypatch):
-    """The grid's DDIM η comes from --grid-eta (default 1: a young model's η = 0 grid is saturated noise)."""
+def test_sample_grids_use_the_configured_sampler_and_eta(tmp_path, monkeypatch):
+    """The grid's sampler, η and steps come from --grid-sampler / --grid-eta / --grid-steps (default DDIM, η 1: a
+    young model's η = 0 grid is saturated noise)."""
     from tinyddpm import training
     from tinyddpm.config import build_config
     from tinyddpm.models import build_diffusion, build_unet
 
     seen = []
-    monkeypatch.setattr(training, "ddim_sample", lambda *a, **kw: seen.append(kw) or torch.zeros(2, 3, 8, 8))
-    for extra, want in (({}, 1.0), ({"grid_eta": 0.0}, 0.0)):
+    monkeypatch.setattr(training, "sample", lambda *a, **kw: seen.append((a[0], kw)) or torch.zeros(2, 3, 8, 8))
+    for extra, name, eta in (({}, "ddim", 1.0), ({"grid_eta": 0.0}, "ddim", 0.0), ({"grid_sampler": "ddpm"}, "ddpm",
+                                                                                     1.0)):
         cfg = build_config("tiny", {"data": {"image_size": 8}, "train": {"grid_size": 2, "grid_steps": 3, **extra}})
         labels = {"kind": "none", "names": []}
         training.save_grid(build_unet(cfg, labels), build_diffusion(cfg), cfg, labels, "cpu", tmp_path / "g.png")
-        assert seen[-1]["eta"] == want and seen[-1]["steps"] == 3
+        assert seen[-1][0] == name and seen[-1][1]["eta"] == eta and seen[-1][1]["steps"] == 3

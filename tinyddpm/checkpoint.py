@@ -14,6 +14,7 @@ import torch
 from .config import RunConfig, validate
 from .errors import UserError
 from .files import atomic_torch_save
+from .unet import COND_KINDS
 
 FORMAT = "tinyddpm"
 FORMAT_VERSION = 1
@@ -78,4 +79,12 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         raise UserError(f"{path} has no readable config ({e.__class__.__name__}); the file is damaged or was edited") \
             from None
     validate(ckpt["run_config"], where=path)  # the same checks as the command line, before anything is built
+    labels, step = ckpt.get("labels"), ckpt.get("step")
+    names = labels.get("names") if isinstance(labels, dict) else None
+    if not (isinstance(names, list) and all(isinstance(n, str) for n in names)
+            and labels.get("kind") in COND_KINDS and (labels["kind"] == "none") == (not names)):
+        raise UserError(f"{path} has no valid label description ({str(labels)[:80]}); the file is damaged or was "
+                        "edited")
+    if not isinstance(step, int) or step < 0 or not isinstance(ckpt.get("models"), dict):
+        raise UserError(f"{path} has no valid step or weights; the file is damaged or was edited")
     return ckpt

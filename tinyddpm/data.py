@@ -170,8 +170,11 @@ def load_cifar10(root, split="train", classes=(), download=True, url=CIFAR10_URL
             data, y = np.asarray(d["data"], dtype=np.uint8), np.asarray(d["labels"], dtype=np.int64)
             # Each row is 3072 bytes: the R, G and B planes of a 32×32 image, row-major → [n, 3, 32, 32].
             data = data.reshape(-1, 3, CIFAR10_SIZE, CIFAR10_SIZE)
+            if y.ndim != 1 or len(y) != len(data):
+                raise ValueError(f"{len(data)} images but {y.size} labels")
         except (OSError, EOFError, KeyError, ValueError, TypeError, pickle.UnpicklingError) as e:
-            raise UserError(f"cannot read {path} ({e.__class__.__name__}); delete {batches} and run again") from None
+            raise UserError(f"cannot read {path} ({e.__class__.__name__}: {str(e)[:80]}); delete {batches} and run "
+                            "again") from None
         keep = np.isin(y, wanted)  # filter batch by batch so all of CIFAR-10 is never held twice
         images.append(data[keep].transpose(0, 2, 3, 1))
         labels.append(y[keep])
@@ -228,6 +231,29 @@ def load_dataset(data_cfg, split="train", download=True):
     else:
         raise UserError(f"unknown dataset {data_cfg.dataset!r}; choose cifar, folder or shapes")
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels, names
+
+
+FINGERPRINT_IMAGES = 1024  # evenly spaced images hashed into a training set's fingerprint (all of a small set)
+
+
+def fingerprint(images, labels=None):
+    """A cheap identity of a training set, stored in checkpoints so that resuming on other data is refused: its
+    size, image shape and a SHA-256 of FINGERPRINT_IMAGES evenly spaced images (uint8 [N, 3, S, S], on the CPU) and
+    of all labels. Two different folders with as many images differ in it unless every hashed image is the same."""
+    n = images.shape[0]
+    picked = torch.linspace(0, n - 1, min(n, FINGERPRINT_IMAGES)).round().long().unique()
+    digest = hashlib.sha256(images[picked].contiguous().numpy().tobytes())
+    if labels is not None:
+        digest.update(labels.contiguous().numpy().tobytes())
+    return {"images": n, "shape": list(images.shape[1:]), "sha256": digest.hexdigest()}
+
+
+def describe_fingerprint(fp):
+    """'5000 images of 3×32×32, sha256 1a2b3c4d…' for an error line (anything else, as it is)."""
+    try:
+        return f"{fp['images']} images of {'×'.join(map(str, fp['shape']))}, sha256 {fp['sha256'][:12]}…"
+    except (KeyError, TypeError):
+        return repr(fp)[:80]
 
 
 # ---------------------------------------------------------------------------------------- tensors and sampling

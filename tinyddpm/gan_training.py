@@ -8,7 +8,7 @@ Running the same command again resumes from ckpt.pt (weights, EMA, both optimize
 an interrupted and resumed run ends with the same weights as an uninterrupted one.
 
 Of the training settings the GAN uses steps, batch_size, lr, ema_decay, ema_warmup, seed and the logging/saving
-cadence; warmup, grad_clip, weight_decay, grid_steps and compile are diffusion-only (Adam at a constant rate is
+cadence; warmup, grad_clip, weight_decay, the grid sampler settings and compile are diffusion-only (Adam at a constant rate is
 the DCGAN recipe), as are the unet, diffusion and cond_drop settings. Changing any of those for a DCGAN is refused.
 """
 import time
@@ -16,21 +16,19 @@ import time
 import torch
 
 from . import data as data_mod
-from .checkpoint import save_checkpoint
 from .config import build_config
 from .dcgan import gan_train_step, instance_noise_std, make_optimizers, sample_z
 from .ema import EMA
 from .errors import UserError
 from .imageio import make_grid, save_png, to_uint8
-from .models import build_gan
-from .training import (NonFiniteGuard, RunFolder, StopSignals, check_train_flags, due, grid_condition,
-                       load_run_checkpoint, load_training_data, rng_state, say, set_rng_state, throughput)
+from .models import build_gan, grid_condition
+from .runs import Run, StopSignals, say, throughput
 
 # Config fields that only a diffusion model reads: setting one for a DCGAN is a mistake we report.
 DIFFUSION_ONLY_SECTIONS = ("unet", "diffusion")
 DIFFUSION_ONLY_FIELDS = (("cond", "cond_drop"), ("train", "warmup"), ("train", "grad_clip"),
                          ("train", "weight_decay"), ("train", "grid_steps"), ("train", "grid_eta"),
-                         ("train", "compile"))
+                         ("train", "grid_sampler"), ("train", "compile"))
 BN_CALIBRATION_IMAGES = 1024  # latents used to re-estimate the EMA generator's BatchNorm statistics
 BN_CALIBRATION_BATCH = 256
 
@@ -89,94 +87,64 @@ def save_gan_grid(G, cfg, label_info, device, path):
 
 # --- the loop ----------------------------------------------------------------------------------------------------
 def train_gan(cfg, out, device, log=say):
-    """Train (or resume) the DCGAN run described by `cfg` in folder `out` on `device`."""
-    check_train_flags(cfg)
+    """Train (or resume) the DCGAN run described by `cfg` in folder `out` on `device`; returns the runs.Run."""
+    run = Run(cfg, out, "dcgan", device, log)  # every check; nothing is created yet
     check_gan_config(cfg)
-    run = RunFolder(out)
-    run.check_writable()
     tcfg = cfg.train
     torch.manual_seed(tcfg.seed)
-    images, labels, label_info = load_training_data(cfg, device)
-    G, D = build_gan(cfg, label_info)
+    data = run.load_data()
+    G, D = build_gan(cfg, data.label_info)
     G, D = G.to(device), D.to(device)
     ema = EMA(G, tcfg.ema_decay, tcfg.ema_warmup)
     opt_g, opt_d = make_optimizers(G, D, cfg.gan, lr=tcfg.lr)  # constant rate: no warm-up, no clipping
-    sampler = data_mod.BatchSampler(images.shape[0], tcfg.batch_size, tcfg.seed)
-    gen = torch.Generator(device=device).manual_seed(tcfg.seed)
-    guard = NonFiniteGuard(device)
-    step = last_saved = 0
+    with run.claimed(), StopSignals() as signals:  # SIGINT/SIGTERM: save a checkpoint after the current step
+        step = run.begin(dict(generator=G, discriminator=D, ema=ema), dict(g=opt_g, d=opt_d))
+        _loop(run, step, signals, G, D, ema, opt_g, opt_d, data, log)
+    return run
 
-    ckpt = load_run_checkpoint(run, cfg, "dcgan", label_info)  # None for a new run; refuses another run's folder
-    if ckpt is not None:
-        G.load_state_dict(ckpt["models"]["generator"])
-        D.load_state_dict(ckpt["models"]["discriminator"])
-        ema.load_state_dict(ckpt["models"]["ema"])
-        opt_g.load_state_dict(ckpt["optimizers"]["g"])
-        opt_d.load_state_dict(ckpt["optimizers"]["d"])
-        sampler.load_state_dict(ckpt["sampler"])
-        set_rng_state(ckpt["rng"], gen)
-        step = last_saved = ckpt["step"]
-        log(f"resuming {run.out} at step {step}")
-    run.remove_stale_temp()  # temp files of writes a SIGKILL interrupted
-    run.trim_log(step)  # a killed run may have logged past its last checkpoint
+
+def _loop(run, step, signals, G, D, ema, opt_g, opt_d, data, log):
+    cfg, device, tcfg, gen = run.cfg, run.device, run.cfg.train, run.gen
     n_g, n_d = (sum(p.numel() for p in net.parameters()) / 1e6 for net in (G, D))
-    log(f"training {cfg.preset} DCGAN (G {n_g:.3g} M, D {n_d:.3g} M parameters) on {images.shape[0]} images "
+    log(f"training {cfg.preset} DCGAN (G {n_g:.3g} M, D {n_d:.3g} M parameters) on {data.images.shape[0]} images "
         f"of {cfg.data.image_size}px, {device.type}, batch {tcfg.batch_size}, lr {tcfg.lr:g}, {tcfg.steps} steps "
         f"→ {run.out}")
-    run.write_config(cfg)
-
-    def checkpoint(step):
-        save_checkpoint(run.ckpt, dict(
-            kind="dcgan", config=cfg.to_dict(), labels=label_info, step=step,
-            models=dict(generator=G.state_dict(), discriminator=D.state_dict(), ema=ema.state_dict()),
-            optimizers=dict(g=opt_g.state_dict(), d=opt_d.state_dict()),
-            rng=rng_state(gen), sampler=sampler.state_dict()))
-
     G.train()
     D.train()
     sums = torch.zeros(4, device=device)  # d_loss, g_loss, D(x), D(G(z)) summed on the device: no sync per step
     t0, n_since = time.perf_counter(), 0
-    run.stopped_by = None
-    with StopSignals() as signals:  # SIGINT/SIGTERM: save a checkpoint after the current step and stop
-        while step < tcfg.steps:
-            idx = sampler.next().to(device)
-            x = data_mod.to_float(images[idx])
-            if cfg.data.flip:
-                x = data_mod.random_flip(x, gen)
-            b = x.shape[0]
-            cond = None if labels is None else labels[idx]
-            out = gan_train_step(G, D, opt_g, opt_d, x, cond, cfg.gan, step, tcfg.steps, gen)
-            sums += torch.stack([out["d_loss"], out["g_loss"], out["d_real"], out["d_fake"]])
-            guard.record(step + 1, out["d_loss"], out["g_loss"])  # on the device: no sync per step
-            ema.update(G, step)
-            step += 1
-            n_since += 1
+    while step < tcfg.steps:
+        idx = run.sampler.next().to(device)
+        x = data_mod.to_float(data.images[idx])
+        if cfg.data.flip:
+            x = data_mod.random_flip(x, gen)
+        b = x.shape[0]
+        cond = None if data.labels is None else data.labels[idx]
+        out = gan_train_step(G, D, opt_g, opt_d, x, cond, cfg.gan, step, tcfg.steps, gen)
+        sums += torch.stack([out["d_loss"], out["g_loss"], out["d_real"], out["d_fake"]])
+        run.guard.record(step + 1, out["d_loss"], out["g_loss"])  # on the device: no sync per step
+        ema.update(G, step)
+        step += 1
+        n_since += 1
 
-            stop = signals.should_stop(step, device) and step < tcfg.steps
-            report, grid_due, save_due = due(step, tcfg, stop)
-            if report or grid_due or save_due:
-                guard.check(run, last_saved or None)  # names the first NaN/Inf step; nothing is saved after it
-            if report:
-                d_loss, g_loss, d_real, d_fake = (sums / n_since).tolist()
-                ips, eta = throughput(n_since, b, time.perf_counter() - t0, tcfg.steps - step)
-                noise = instance_noise_std(cfg.gan, step - 1, tcfg.steps)
-                log(f"step {step}/{tcfg.steps} | D {d_loss:.3f} | G {g_loss:.3f} | D(x) {d_real:.2f} | "
-                    f"D(G(z)) {d_fake:.2f} | noise {noise:.3f} | {ips:.1f} img/s | ETA {eta}")
-                run.append_log(dict(step=step, d_loss=d_loss, g_loss=g_loss, d_real=d_real, d_fake=d_fake,
-                                    instance_noise=noise, img_per_s=ips))
-                sums.zero_()
-                t0, n_since = time.perf_counter(), 0
-            if grid_due or save_due:
-                # Only the EMA copy's buffers change; EMA.update overwrites them next step: training is unaffected.
-                calibrate_batchnorm(ema.model, labels, device)
-            if grid_due:
-                save_gan_grid(ema.model, cfg, label_info, device, run.grid_path(step))
-            if save_due:
-                checkpoint(step)
-                last_saved = step
-            if stop:
-                run.stopped_by = signals.received
-                log(f"stopped by {run.stopped_by} at step {step}; checkpoint {run.ckpt} saved; "
-                    "run the same command to resume")
-                break
-    return run
+        report, grid_due, save_due, stop = run.due(step, signals)  # names the first NaN/Inf step, if any
+        if report:
+            d_loss, g_loss, d_real, d_fake = (sums / n_since).tolist()
+            ips, eta = throughput(n_since, b, time.perf_counter() - t0, tcfg.steps - step)
+            noise = instance_noise_std(cfg.gan, step - 1, tcfg.steps)
+            log(f"step {step}/{tcfg.steps} | D {d_loss:.3f} | G {g_loss:.3f} | D(x) {d_real:.2f} | "
+                f"D(G(z)) {d_fake:.2f} | noise {noise:.3f} | {ips:.1f} img/s | ETA {eta}")
+            run.folder.append_log(dict(step=step, d_loss=d_loss, g_loss=g_loss, d_real=d_real, d_fake=d_fake,
+                                       instance_noise=noise, img_per_s=ips))
+            sums.zero_()
+            t0, n_since = time.perf_counter(), 0
+        if grid_due or save_due:
+            # Only the EMA copy's buffers change; EMA.update overwrites them next step: training is unaffected.
+            calibrate_batchnorm(ema.model, data.labels, device)
+        if grid_due:
+            save_gan_grid(ema.model, cfg, data.label_info, device, run.folder.grid_path(step))
+        if save_due:
+            run.save(step)
+        if stop:
+            run.stop(step, signals)
+            break

@@ -1,4 +1,7 @@
 """Building networks from a RunConfig and the label description, so a checkpoint alone rebuilds its model."""
+import numpy as np
+import torch
+
 from .diffusion import GaussianDiffusion
 
 IMAGE_CHANNELS = 3
@@ -6,6 +9,18 @@ IMAGE_CHANNELS = 3
 
 def no_labels():
     return {"kind": "none", "names": []}
+
+
+def grid_condition(label_info, n, device):
+    """The grids' conditions: classes cycled [n], or held-out label sets [n, K] (generalisation, not memory)."""
+    if label_info["kind"] == "class":
+        return torch.arange(n, device=device) % len(label_info["names"])
+    if label_info["kind"] == "multilabel":
+        from .shapes import eval_label_sets, objects_to_multi_hot
+
+        sets = eval_label_sets()
+        return torch.from_numpy(np.stack([objects_to_multi_hot(sets[i % len(sets)]) for i in range(n)])).to(device)
+    return None
 
 
 def check_architecture(cfg):

@@ -1,0 +1,325 @@
+"""What every training loop needs around its steps: checks, data, resume, RNG state, signals, the NaN/Inf guard,
+the cadence of reports, grids and checkpoints. The diffusion loop (training.py) and the DCGAN loop
+(gan_training.py) both go through `Run`, so they check, resume, refuse and stop the same way:
+
+    run = Run(cfg, out, "ddpm", device)              # validates the config and --out; creates nothing
+    data = run.load_data()                           # the training set and its fingerprint
+    ... build the networks and optimizers ...
+    with run.claimed(), StopSignals() as signals:    # creates the run folder (runfolder.py) and holds its lock
+        step = run.begin(models, optimizers)         # 0, or every state restored from the folder's checkpoint
+        while step < steps:
+            ... one step; step += 1 ...
+            report, grid, save, stop = run.due(step, signals)   # raises first if a step was NaN/Inf
+            ... if save: run.save(step) ... if stop: run.stop(step, signals); break
+
+Safety (docs/reliability.md):
+  * the config is validated (config.validate) and --out checked before the data is loaded or anything is created;
+  * resuming checks kind, config, labels and a fingerprint of the data; a valid torch file with wrong or missing
+    parts is "damaged", one line, for both loops;
+  * a killed run's temp files are removed and its log trimmed to the checkpoint when it starts again;
+  * SIGINT / SIGTERM finish the current step, save a checkpoint and stop (a second signal stops at once);
+  * a NaN/Inf loss or gradient is recorded on the device without a host sync and checked before every report, grid
+    and checkpoint: training stops naming the first bad step and no bad weights are saved (or, with skip_nonfinite,
+    such steps are skipped and counted, one host sync per step).
+Under torchrun every process runs the same loop on its shard of each global batch; rank 0 alone writes files.
+"""
+import dataclasses
+import math
+import os
+import signal
+import sys
+import threading
+from typing import Optional
+
+import torch
+
+from . import data as data_mod
+from . import distributed as dist
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import config_differences, validate
+from .errors import UserError
+from .models import no_labels
+from .runfolder import RunFolder
+
+# Under torchrun the processes agree on whether a signal arrived every this many steps (a collective and a host
+# sync); a single process looks at its flag after every step, which costs nothing.
+STOP_POLL_EVERY = 10
+NO_BAD_STEP = torch.iinfo(torch.int64).max  # "no non-finite step seen yet"
+# What loading a valid torch file with wrong or missing parts raises (another shape, a missing key, a bad type).
+DAMAGED = (KeyError, IndexError, RuntimeError, TypeError, ValueError, AttributeError)
+
+
+# --- progress and cadence ------------------------------------------------------------------------------------
+def say(msg):
+    """Progress for people: stderr, main process only (under torchrun the others are quiet)."""
+    if dist.is_main():
+        print(msg, file=sys.stderr, flush=True)
+
+
+def due(step, tcfg, stopping):
+    """(report, grid, save): every log/sample/save_every steps and at the last step; a checkpoint also on a signal."""
+    last = step == tcfg.steps
+    return (step % tcfg.log_every == 0 or last, step % tcfg.sample_every == 0 or last,
+            step % tcfg.save_every == 0 or last or stopping)
+
+
+def throughput(steps, batch, seconds, steps_left):
+    """(images/s over the last `steps` steps of `batch` images, ETA string for `steps_left` more)."""
+    ips = steps * batch / seconds
+    return ips, format_eta(steps_left * batch / ips)
+
+
+def format_eta(seconds):
+    if not math.isfinite(seconds):
+        return "?"
+    h, rem = divmod(int(seconds), 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def check_config(cfg, world_size=1):
+    """Every value of the config (config.validate), and the global batch split over the processes."""
+    validate(cfg)
+    if cfg.train.batch_size % world_size:
+        raise UserError(f"--batch-size {cfg.train.batch_size} is the global batch and must divide evenly over the "
+                        f"{world_size} processes; use a multiple of {world_size}")
+
+
+# --- data --------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class TrainingData:
+    images: torch.Tensor  # uint8 [N, 3, S, S] on the training device (the whole set lives there)
+    labels: Optional[torch.Tensor]  # int64 [N] or multi-hot float [N, K] for a conditional run, else None
+    label_info: dict  # {"kind": "none" | "class" | "multilabel", "names": [...]}, stored in checkpoints
+    fingerprint: dict  # data.fingerprint: resuming on other data is refused
+
+
+def load_training_data(cfg, device):
+    with dist.main_first():  # under torchrun rank 0 downloads/extracts first; the others then read its files
+        images, labels, names = data_mod.load_dataset(cfg.data, split="train")
+    if images.shape[0] < 1:
+        raise UserError("the training set is empty; check --dataset, --class and --data-dir")
+    if cfg.cond.conditional:
+        if labels is None:
+            raise UserError(f"--conditional needs labels, but dataset {cfg.data.dataset!r} has none; "
+                            "use --dataset cifar or shapes, or drop --conditional")
+        label_info = {"kind": "class" if labels.dim() == 1 else "multilabel", "names": list(names)}
+    else:
+        label_info, labels = no_labels(), None
+    fingerprint = data_mod.fingerprint(images, labels)  # on the CPU, before the copy to the device
+    return TrainingData(images.to(device), None if labels is None else labels.to(device), label_info, fingerprint)
+
+
+# --- RNG state -----------------------------------------------------------------------------------------------
+def rng_state(gen):
+    """The training generator and this process's global CPU (and current GPU) generators."""
+    state = {"torch": torch.get_rng_state(), "train": gen.get_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()  # the current device only: never touch other ranks' GPUs
+    return state
+
+
+def set_rng_state(state, gen):
+    torch.set_rng_state(state["torch"])
+    gen.set_state(state["train"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda[0] if isinstance(cuda, (list, tuple)) else cuda)
+
+
+def gathered_rng_state(gen):
+    """rng_state, plus under torchrun every rank's global generators (dropout draws from them), for exact resume."""
+    state = rng_state(gen)
+    if dist.world_size() > 1:
+        ranks = [None] * dist.world_size()
+        torch.distributed.all_gather_object(ranks, {k: state[k] for k in ("torch", "cuda") if k in state})
+        state["ranks"] = ranks
+    return state
+
+
+def restore_rng_state(state, gen, seed):
+    """Undo gathered_rng_state on this rank; resumed with another number of processes, reseed per rank instead."""
+    set_rng_state(state, gen)
+    ranks = state.get("ranks")
+    if ranks is not None and len(ranks) == dist.world_size():
+        set_rng_state({**ranks[dist.rank()], "train": state["train"]}, gen)
+    elif dist.world_size() > 1:
+        torch.manual_seed(seed + dist.rank())
+
+
+# --- stopping: signals and non-finite losses ---------------------------------------------------------------------
+class StopSignals:
+    """While active, SIGINT (Ctrl-C) and SIGTERM (kill, a cluster's time limit) only set `.received`; the loop
+    then saves a checkpoint and returns. A second signal stops at once (KeyboardInterrupt)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received, self._old = None, {}
+
+    def _handle(self, signum, frame):
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # Python only lets the main thread set handlers
+            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, old in self._old.items():
+            signal.signal(s, old)
+
+    def should_stop(self, step, device):
+        """Whether to stop after `step`; under torchrun all processes decide together every STOP_POLL_EVERY steps."""
+        if dist.world_size() == 1:
+            return self.received is not None
+        if step % STOP_POLL_EVERY:
+            return False
+        flag = torch.tensor([int(self.received is not None)], device=device)
+        return bool(dist.all_reduce_(flag, "max").item())
+
+
+class NonFiniteGuard:
+    """Remembers the first step whose loss or gradient norm was NaN/Inf, on the device (no host sync per step).
+
+    `check()` (a host sync; collective under torchrun) raises before anything is logged or saved after a bad step.
+    With `skip=True`, `step_ok()` decides each step on the host instead, and the caller skips the update.
+    """
+
+    def __init__(self, device, skip=False, skipped=0):
+        self.skip, self.skipped = skip, skipped
+        self.first_bad = torch.full((), NO_BAD_STEP, dtype=torch.int64, device=device)
+
+    def record(self, step, *values):
+        """values: 0-d tensors of this step (the loss, the gradient norm, …); `step` counts from 1."""
+        finite = torch.stack([torch.isfinite(v) for v in values]).all()
+        self.first_bad = torch.where(finite, self.first_bad, torch.clamp(self.first_bad, max=step))
+
+    def step_ok(self, *values):
+        ok = torch.stack([torch.isfinite(v) for v in values]).all().to(torch.int64).reshape(1)
+        if not dist.all_reduce_(ok, "min").item():  # every process skips the same steps
+            self.skipped += 1
+            return False
+        return True
+
+    def check(self, ckpt_path, last_saved):
+        bad = dist.all_reduce_(self.first_bad.clone(), "min").item()
+        if bad != NO_BAD_STEP:
+            kept = (f"the last good checkpoint {ckpt_path} (step {last_saved}) is kept" if last_saved is not None
+                    else "no checkpoint had been written yet")
+            raise UserError(f"the loss or its gradient became NaN/Inf at step {bad}; training stopped and {kept}; "
+                            "lower --lr, check the data, or pass --skip-nonfinite to skip such steps")
+
+
+# --- the run -----------------------------------------------------------------------------------------------------
+def _check_optimizer_state(opt):
+    """Adam's moment buffers must have their parameter's shape: torch loads any shape and fails at the next step."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for v in opt.state.get(p, {}).values():
+                if torch.is_tensor(v) and v.dim() and v.shape != p.shape:
+                    raise ValueError(f"optimizer state of shape {list(v.shape)} for a parameter {list(p.shape)}")
+
+
+class Run:
+    """One training run of `kind` ("ddpm" or "dcgan"): its folder, data order, training generator, NaN/Inf guard
+    and checkpoints. A checkpoint holds the state_dict of every model and optimizer the loop passes to `begin`."""
+
+    def __init__(self, cfg, out, kind, device, log=say, skip_nonfinite=False):
+        check_config(cfg, dist.world_size())
+        self.folder = RunFolder(out)
+        self.folder.check(cfg)
+        self.cfg, self.kind, self.device, self.log = cfg, kind, device, log
+        self.gen = torch.Generator(device=device).manual_seed(cfg.train.seed)  # flips, timesteps, noise, drops
+        self.guard = NonFiniteGuard(device, skip_nonfinite)
+        self.last_saved, self.stopped_by, self.models, self.optimizers = None, None, {}, {}
+
+    @property
+    def out(self):
+        return self.folder.out
+
+    def load_data(self):
+        self.data = load_training_data(self.cfg, self.device)
+        t = self.cfg.train
+        self.sampler = data_mod.BatchSampler(self.data.images.shape[0], t.batch_size, t.seed, dist.rank(),
+                                             dist.world_size())
+        return self.data
+
+    def claimed(self):
+        return self.folder.claimed(self.device)
+
+    def _check_belongs(self, ckpt):
+        """The folder's checkpoint must be of this run: kind, config, labels and data."""
+        out = self.folder.out
+        if ckpt["kind"] != self.kind:
+            raise UserError(f"{self.folder.ckpt} is a {ckpt['kind']} checkpoint, but this is a {self.kind} run; "
+                            "use a new --out folder")
+        diffs = config_differences(ckpt["run_config"].to_dict(), self.cfg.to_dict())
+        if diffs:
+            raise UserError(f"{out} holds a run with another config ({'; '.join(diffs[:3])}); "
+                            "refusing to mix runs: use a new --out folder or the same flags")
+        if ckpt["labels"] != self.data.label_info:
+            raise UserError(f"{out} was trained on other labels ({ckpt['labels']['names']}); use a new --out")
+        then, now = ckpt.get("data"), self.data.fingerprint
+        if then is not None and then != now:  # checkpoints of older tinyddpm versions have no fingerprint
+            raise UserError(f"{out} was trained on other data ({data_mod.describe_fingerprint(then)}; now "
+                            f"{data_mod.describe_fingerprint(now)}); resume with the same data, or use a new --out")
+
+    def begin(self, models, optimizers):
+        """Resume from the folder's checkpoint (every state, or a one-line "damaged"), clean up after a killed run
+        and write config.json. Returns the step to start from (0 for a new run)."""
+        self.models, self.optimizers = models, optimizers
+        step, folder = 0, self.folder
+        if os.path.exists(folder.ckpt):
+            ckpt = load_checkpoint(folder.ckpt)  # its config passes config.validate, or it is refused
+            self._check_belongs(ckpt)
+            try:
+                for name, m in models.items():
+                    m.load_state_dict(ckpt["models"][name])
+                for name, opt in optimizers.items():
+                    opt.load_state_dict(ckpt["optimizers"][name])
+                    _check_optimizer_state(opt)
+                self.sampler.load_state_dict(ckpt["sampler"])
+                restore_rng_state(ckpt["rng"], self.gen, self.cfg.train.seed)
+                step, skipped = ckpt["step"], ckpt.get("skipped_steps", 0)
+                if not all(isinstance(v, int) and v >= 0 for v in (step, skipped)):
+                    raise ValueError(f"step {step!r}, skipped steps {skipped!r}")
+            except DAMAGED as e:
+                detail = (str(e).strip().splitlines() or [""])[0][:120]
+                raise UserError(f"{folder.ckpt} is damaged ({e.__class__.__name__}: {detail}); move it away to "
+                                "start over, or use a new --out folder") from None
+            self.guard.skipped, self.last_saved = skipped, step
+            self.log(f"resuming {folder.out} at step {step}")
+        if not dist.all_equal(step, self.device):
+            raise UserError(f"the processes found different checkpoints in {folder.out} (this one: step {step}); "
+                            "put --out on a filesystem that every machine shares")
+        folder.remove_stale_temp()
+        folder.trim_log(step)  # a killed run may have logged past its last checkpoint
+        folder.write_config(self.cfg)
+        return step
+
+    def due(self, step, signals):
+        """(report, grid, save, stop) after `step`; raises first if a step since the last check was NaN/Inf."""
+        stop = signals.should_stop(step, self.device) and step < self.cfg.train.steps
+        report, grid, save = due(step, self.cfg.train, stop)
+        if report or grid or save:
+            self.guard.check(self.folder.ckpt, self.last_saved)  # nothing is logged or saved after a NaN/Inf
+        return report, grid, save, stop
+
+    def save(self, step):
+        state = dict(kind=self.kind, config=self.cfg.to_dict(), labels=self.data.label_info,
+                     data=self.data.fingerprint, step=step,
+                     models={k: m.state_dict() for k, m in self.models.items()},
+                     optimizers={k: o.state_dict() for k, o in self.optimizers.items()},
+                     rng=gathered_rng_state(self.gen), sampler=self.sampler.state_dict(),
+                     skipped_steps=self.guard.skipped)
+        if dist.is_main():
+            save_checkpoint(self.folder.ckpt, state)
+        self.last_saved = step
+
+    def stop(self, step, signals):
+        self.stopped_by = signals.received or "a signal to another process"
+        self.log(f"stopped by {self.stopped_by} at step {step}; checkpoint {self.folder.ckpt} saved; "
+                 "run the same command to resume")
