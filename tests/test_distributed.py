@@ -16,7 +16,7 @@ from tests.helpers import MICRO_FLAGS, assert_user_error, make_image_folder, run
 from tinyddpm.checkpoint import load_checkpoint
 from tinyddpm.config import build_config
 from tinyddpm.models import build_unet
-from tinyddpm.training import check_train_flags
+from tinyddpm.runs import check_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Two processes sum their shards' gradients in another order than one process: float32 rounding. We compare what
@@ -95,9 +95,9 @@ def test_two_gloo_processes_equal_one_process(tmp_path, capsys):
 
 def test_global_batch_must_split_evenly():
     cfg = build_config("tiny", {"train": {"batch_size": 6}})
-    check_train_flags(cfg, world_size=3)
+    check_config(cfg, world_size=3)
     with pytest.raises(Exception, match="global batch .* 4 processes; use a multiple of 4"):
-        check_train_flags(cfg, world_size=4)
+        check_config(cfg, world_size=4)
 
 
 def test_torchrun_vars_without_torchrun(tmp_path, capsys, monkeypatch):

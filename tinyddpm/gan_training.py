@@ -97,8 +97,8 @@ def train_gan(cfg, out, device, log=say):
     G, D = G.to(device), D.to(device)
     ema = EMA(G, tcfg.ema_decay, tcfg.ema_warmup)
     opt_g, opt_d = make_optimizers(G, D, cfg.gan, lr=tcfg.lr)  # constant rate: no warm-up, no clipping
-    with run.claimed(), StopSignals() as signals:  # SIGINT/SIGTERM: save a checkpoint after the current step
-        step = run.begin(dict(generator=G, discriminator=D, ema=ema), dict(g=opt_g, d=opt_d))
+    models, optimizers = dict(generator=G, discriminator=D, ema=ema), dict(g=opt_g, d=opt_d)
+    with run.begin(models, optimizers) as step, StopSignals() as signals:  # a signal: checkpoint, then stop
         _loop(run, step, signals, G, D, ema, opt_g, opt_d, data, log)
     return run
 

@@ -17,6 +17,7 @@ import glob
 import json
 import os
 import socket
+import sys
 
 import torch
 
@@ -92,20 +93,23 @@ class RunFolder:
             os.makedirs(self.out, exist_ok=True)
             fd = os.open(self.marker, os.O_RDWR | os.O_CREAT, file_mode())
         except OSError as e:
-            return None, f"cannot create run folder {self.out}: {e.strerror}; choose a writable --out"
-        try:
-            if fcntl is not None:
+            return None, f"cannot write the run folder {self.out}: {e.strerror}; choose a writable --out"
+        if fcntl is not None:
+            try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, HOLDER_BYTES).decode(errors="replace").strip().splitlines()[-1:]
+                os.close(fd)
+                return None, (f"another trainer is using {self.out} ({''.join(holder) or 'it holds ' + MARKER}); "
+                              "wait for it to finish or stop it, or choose another --out")
+            except OSError as e:  # a filesystem without locks (ENOLCK, EOPNOTSUPP): train, but say so
+                print(f"warning: cannot lock {self.marker} ({e.strerror}); make sure no other trainer uses "
+                      f"{self.out}", file=sys.stderr)
+        try:
             os.ftruncate(fd, 0)
             os.write(fd, f"{MARKER_TEXT}\nheld by pid {os.getpid()} on {socket.gethostname()}\n".encode())
-        except BlockingIOError:
-            holder = os.read(fd, HOLDER_BYTES).decode(errors="replace").strip().splitlines()[-1:]
-            os.close(fd)
-            return None, (f"another trainer is using {self.out} ({''.join(holder) or 'it holds ' + MARKER}); "
-                          "wait for it to finish or stop it, or choose another --out")
-        except OSError as e:
-            os.close(fd)
-            return None, f"cannot lock {self.marker}: {e.strerror}; choose an --out on a local filesystem"
+        except OSError:  # who holds the lock is only information
+            pass
         return fd, None
 
     @contextlib.contextmanager

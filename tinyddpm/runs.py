@@ -5,8 +5,7 @@ the cadence of reports, grids and checkpoints. The diffusion loop (training.py) 
     run = Run(cfg, out, "ddpm", device)              # validates the config and --out; creates nothing
     data = run.load_data()                           # the training set and its fingerprint
     ... build the networks and optimizers ...
-    with run.claimed(), StopSignals() as signals:    # creates the run folder (runfolder.py) and holds its lock
-        step = run.begin(models, optimizers)         # 0, or every state restored from the folder's checkpoint
+    with run.begin(models, optimizers) as step, StopSignals() as signals:  # resumed; the folder made and locked
         while step < steps:
             ... one step; step += 1 ...
             report, grid, save, stop = run.due(step, signals)   # raises first if a step was NaN/Inf
@@ -23,6 +22,7 @@ Safety (docs/reliability.md):
     such steps are skipped and counted, one host sync per step).
 Under torchrun every process runs the same loop on its shard of each global batch; rank 0 alone writes files.
 """
+import contextlib
 import dataclasses
 import math
 import os
@@ -247,9 +247,6 @@ class Run:
                                              dist.world_size())
         return self.data
 
-    def claimed(self):
-        return self.folder.claimed(self.device)
-
     def _check_belongs(self, ckpt):
         """The folder's checkpoint must be of this run: kind, config, labels and data."""
         out = self.folder.out
@@ -267,38 +264,59 @@ class Run:
             raise UserError(f"{out} was trained on other data ({data_mod.describe_fingerprint(then)}; now "
                             f"{data_mod.describe_fingerprint(now)}); resume with the same data, or use a new --out")
 
-    def begin(self, models, optimizers):
-        """Resume from the folder's checkpoint (every state, or a one-line "damaged"), clean up after a killed run
-        and write config.json. Returns the step to start from (0 for a new run)."""
-        self.models, self.optimizers = models, optimizers
-        step, folder = 0, self.folder
-        if os.path.exists(folder.ckpt):
-            ckpt = load_checkpoint(folder.ckpt)  # its config passes config.validate, or it is refused
-            self._check_belongs(ckpt)
-            try:
-                for name, m in models.items():
-                    m.load_state_dict(ckpt["models"][name])
-                for name, opt in optimizers.items():
-                    opt.load_state_dict(ckpt["optimizers"][name])
-                    _check_optimizer_state(opt)
-                self.sampler.load_state_dict(ckpt["sampler"])
-                restore_rng_state(ckpt["rng"], self.gen, self.cfg.train.seed)
-                step, skipped = ckpt["step"], ckpt.get("skipped_steps", 0)
-                if not all(isinstance(v, int) and v >= 0 for v in (step, skipped)):
-                    raise ValueError(f"step {step!r}, skipped steps {skipped!r}")
-            except DAMAGED as e:
-                detail = (str(e).strip().splitlines() or [""])[0][:120]
-                raise UserError(f"{folder.ckpt} is damaged ({e.__class__.__name__}: {detail}); move it away to "
-                                "start over, or use a new --out folder") from None
-            self.guard.skipped, self.last_saved = skipped, step
-            self.log(f"resuming {folder.out} at step {step}")
-        if not dist.all_equal(step, self.device):
-            raise UserError(f"the processes found different checkpoints in {folder.out} (this one: step {step}); "
-                            "put --out on a filesystem that every machine shares")
-        folder.remove_stale_temp()
-        folder.trim_log(step)  # a killed run may have logged past its last checkpoint
-        folder.write_config(self.cfg)
+    def _ckpt_identity(self):
+        try:
+            st = os.stat(self.folder.ckpt)
+        except OSError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+    def _resume(self):
+        """Every state restored from the folder's checkpoint, or a one-line refusal; the step (0: a new run)."""
+        path = self.folder.ckpt
+        if not os.path.exists(path):
+            return 0
+        ckpt = load_checkpoint(path)  # its config passes config.validate, or it is refused
+        self._check_belongs(ckpt)
+        try:
+            for name, m in self.models.items():
+                m.load_state_dict(ckpt["models"][name])
+            for name, opt in self.optimizers.items():
+                opt.load_state_dict(ckpt["optimizers"][name])
+                _check_optimizer_state(opt)
+            self.sampler.load_state_dict(ckpt["sampler"])
+            restore_rng_state(ckpt["rng"], self.gen, self.cfg.train.seed)
+            step, skipped = ckpt["step"], ckpt.get("skipped_steps", 0)
+            if not all(isinstance(v, int) and v >= 0 for v in (step, skipped)):
+                raise ValueError(f"step {step!r}, skipped steps {skipped!r}")
+        except DAMAGED as e:
+            detail = (str(e).strip().splitlines() or [""])[0][:120]
+            raise UserError(f"{path} is damaged ({e.__class__.__name__}: {detail}); move it away to start over, "
+                            "or use a new --out folder") from None
+        self.guard.skipped, self.last_saved = skipped, step
         return step
+
+    @contextlib.contextmanager
+    def begin(self, models, optimizers):
+        """Resume every model and optimizer from the folder's checkpoint, then create the folder and hold its lock
+        (runfolder.py) while the block runs: yields the step to start from (0 for a new run).
+
+        Everything that can refuse (another run's or a damaged checkpoint) happens before the lock creates a file;
+        a checkpoint that another trainer replaced in between is read again once the lock is held."""
+        self.models, self.optimizers = models, optimizers
+        seen, step = self._ckpt_identity(), self._resume()
+        with self.folder.claimed(self.device):
+            if self._ckpt_identity() != seen:
+                step = self._resume()
+            if step:
+                self.log(f"resuming {self.out} at step {step}")
+            if not dist.all_equal(step, self.device):
+                raise UserError(f"the processes found different checkpoints in {self.out} (this one: step {step}); "
+                                "put --out on a filesystem that every machine shares")
+            self.folder.remove_stale_temp()
+            self.folder.trim_log(step)  # a killed run may have logged past its last checkpoint
+            self.folder.write_config(self.cfg)
+            yield step
 
     def due(self, step, signals):
         """(report, grid, save, stop) after `step`; raises first if a step since the last check was NaN/Inf."""

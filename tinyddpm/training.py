@@ -66,8 +66,7 @@ def train(cfg, out, device, log=say, skip_nonfinite=False):
     ema = EMA(model, tcfg.ema_decay, tcfg.ema_warmup)
     fused = dict(fused=True) if device.type == "cuda" else dict(foreach=True)
     opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay, **fused)
-    with run.claimed(), StopSignals() as signals:
-        step = run.begin(dict(model=model, ema=ema), dict(opt=opt))
+    with run.begin(dict(model=model, ema=ema), dict(opt=opt)) as step, StopSignals() as signals:
         _loop(run, step, signals, model, ema, opt, diffusion, data, log)
     return run
 
