@@ -8,8 +8,9 @@ Running the same command again resumes from ckpt.pt (weights, EMA, both optimize
 an interrupted and resumed run ends with the same weights as an uninterrupted one.
 
 Of the training settings the GAN uses steps, batch_size, lr, ema_decay, ema_warmup, seed and the logging/saving
-cadence; warmup, grad_clip, weight_decay, the grid sampler settings and compile are diffusion-only (Adam at a constant rate is
-the DCGAN recipe), as are the unet, diffusion and cond_drop settings. Changing any of those for a DCGAN is refused.
+cadence; warmup, grad_clip, weight_decay, the grid sampler settings and compile are diffusion-only (Adam at a
+constant rate is the DCGAN recipe), as are the unet, diffusion and cond_drop settings. Changing any of those for a
+DCGAN is refused.
 """
 import time
 
