@@ -10,28 +10,28 @@
 import argparse
 import os
 import sys
-import time
+
+import numpy as np
 
 from tinyddpm.errors import UserError, run_cli
-from tinyddpm.generate import DEFAULT_DDIM_STEPS, DefaultN
+from tinyddpm.generate import DEFAULT_BATCH, DEFAULT_DDIM_STEPS, DEFAULT_N, DEFAULT_SAMPLER, SamplingOptions
+from tinyddpm.imageio import GRID_IMAGES
 from tinyddpm.report import REPORT_N
-
-DEFAULT_N = 64
+from tinyddpm.samplers import SAMPLERS
 
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint (runs/<name>/ckpt.pt) or its run folder")
-    p.add_argument("--n", type=int, default=DefaultN(DEFAULT_N),
+    p.add_argument("--n", type=int, default=None,
                    help=f"number of images (default {DEFAULT_N}; --report: {REPORT_N}; --fuse: 1 per λ)")
     p.add_argument("--out", default="samples", help="output folder for the PNGs and grid.png")
-    p.add_argument("--sampler", choices=("ddim", "ddpm"), default=None,
-                   help="ddim (default, --steps steps) or ddpm (all T ancestral steps)")
-    p.add_argument("--steps", type=int, default=None, help=f"DDIM steps (default {DEFAULT_DDIM_STEPS})")
-    p.add_argument("--eta", type=float, default=None, help="DDIM η: 0 deterministic (default), 1 DDPM-like")
+    p.add_argument("--sampler", choices=SAMPLERS, default=None, help=f"sampler (default {DEFAULT_SAMPLER})")
+    p.add_argument("--steps", type=int, default=None, help=f"sampler steps (default {DEFAULT_DDIM_STEPS})")
+    p.add_argument("--eta", type=float, default=None, help="DDIM η in [0, 1]: 0 deterministic (default), 1 DDPM-like")
     p.add_argument("--no-clip", action="store_true", help="do not clip the predicted x0 to [-1, 1]")
-    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
-    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i (0 … 2**64 − 1)")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="images per forward pass")
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--class", dest="classes", nargs="+", default=None, help="class name(s) for a class model")
@@ -49,17 +49,20 @@ def build_parser():
 DIFFUSION_ONLY = ("sampler", "steps", "eta", "cfg_scale")
 
 
+def pick_mode(args):
+    """The one mode asked for: None (plain sampling), --bpd, --eval-labels, --report, --fuse or --interpolate."""
+    from tinyddpm import cond_eval, report
+
+    modes = [flag for flag, on in (("--bpd", args.bpd), ("--eval-labels", cond_eval.wanted(args)),
+                                   ("--report", report.wanted(args)), ("--fuse", args.fuse),
+                                   ("--interpolate", args.interpolate)) if on]
+    if len(modes) > 1:
+        raise UserError(f"{' and '.join(modes)} are separate modes; run them one at a time")
+    return modes[0] if modes else None
+
+
 def check_args(args, gen):
-    if args.n < 1:
-        raise UserError(f"--n must be at least 1 (got {args.n})")
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1 (got {args.batch_size})")
-    if args.steps is not None and args.steps < 1:
-        raise UserError(f"--steps must be at least 1 (got {args.steps})")
-    if args.cfg_scale is not None and args.cfg_scale < 0:
-        raise UserError(f"--cfg-scale must be ≥ 0 (got {args.cfg_scale}); 0 is unconditional, 1 plain conditional")
-    if args.eta is not None and args.eta < 0:
-        raise UserError(f"--eta must be ≥ 0 (got {args.eta})")
+    """The flags that do not fit this checkpoint or mode. Returns the mode."""
     if gen.kind == "dcgan":
         given = [f"--{k.replace('_', '-')}" for k in DIFFUSION_ONLY if getattr(args, k) is not None]
         if args.bpd:
@@ -70,90 +73,85 @@ def check_args(args, gen):
             raise UserError(f"{' '.join(given)} only apply to diffusion models; this checkpoint is a DCGAN")
     if args.cfg_scale is not None and gen.labels["kind"] == "none":
         raise UserError("--cfg-scale needs a conditional model; this one is unconditional")
-    from tinyddpm import cond_eval, report
+    mode = pick_mode(args)
+    if args.n is not None and mode in ("--interpolate", "--eval-labels"):
+        instead = "--frames" if mode == "--interpolate" else "--n-per-set and --n-sets"
+        raise UserError(f"--n does not apply to {mode}; use {instead}")
+    return mode
 
-    modes = [flag for flag, on in (("--bpd", args.bpd), ("--eval-labels", cond_eval.wanted(args)),
-                                   ("--report", report.wanted(args)), ("--fuse", args.fuse),
-                                   ("--interpolate", args.interpolate)) if on]
-    if len(modes) > 1:
-        raise UserError(f"{' and '.join(modes)} are separate modes; run them one at a time")
+
+def sampling_options(args, mode):
+    """The flags resolved once, with each mode's defaults, into one checked SamplingOptions."""
+    from tinyddpm import cond_eval
+
+    if mode == "--eval-labels":
+        default_n = cond_eval.image_count(args)  # n_per_set × n_sets
+    else:  # fusion: --n fusions per λ; interpolation: one strip, its length is --frames
+        default_n = {"--report": REPORT_N, "--fuse": 1, "--interpolate": 1}.get(mode, DEFAULT_N)
+    default_steps = cond_eval.DEFAULT_EVAL_STEPS if mode == "--eval-labels" else DEFAULT_DDIM_STEPS
+    return SamplingOptions(
+        n=default_n if args.n is None else args.n, seed=args.seed, batch_size=args.batch_size,
+        sampler=args.sampler or DEFAULT_SAMPLER, steps=default_steps if args.steps is None else args.steps,
+        eta=0.0 if args.eta is None else args.eta, cfg_scale=1.0 if args.cfg_scale is None else args.cfg_scale,
+        clip_x0=not args.no_clip).check()
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    from tinyddpm import cond_eval, fusion, report
     from tinyddpm.devices import resolve_device
-    from tinyddpm.files import check_output_dir
-    from tinyddpm.generate import Generator
+    from tinyddpm.files import check_output_dir, removed_if_unused
+    from tinyddpm.generate import LoadedModel
 
     device = resolve_device(args.device)
-    check_output_dir(args.out)
-    gen = Generator(args.ckpt, device, use_ema=not args.raw)
-    check_args(args, gen)
-    if args.bpd:
-        return report_bpd(gen, args)
-    # Other modes: conditional evaluation, quality report, fusion / interpolation.
-    from tinyddpm import cond_eval, report
+    check_output_dir(args.out)  # a file in the way is refused before the checkpoint is read
+    gen = LoadedModel(args.ckpt, device, use_ema=not args.raw)
+    mode = check_args(args, gen)
+    opts = sampling_options(args, mode)
+    run = {None: sample_images, "--bpd": report_bpd, "--eval-labels": cond_eval.run, "--report": report.run,
+           "--fuse": fusion.run, "--interpolate": fusion.run}[mode]
+    with removed_if_unused(args.out):  # each mode makes --out (files.prepare_output_dir) before its slow work
+        return run(args, gen, opts)
 
-    if cond_eval.wanted(args):
-        return cond_eval.run(args, gen)
-    if report.wanted(args):
-        return report.run(args, gen)
-    if args.fuse or args.interpolate:
-        from tinyddpm import fusion
 
-        return fusion.run(args, gen)
-    cond = gen.parse_condition(args.classes, args.labels, args.n)
-    seeds = list(range(args.seed, args.seed + args.n))
-    kw = {}
-    if gen.kind == "ddpm":
-        kw = dict(sampler=args.sampler or "ddim", steps=args.steps or DEFAULT_DDIM_STEPS, eta=args.eta or 0.0,
-                  cfg_scale=1.0 if args.cfg_scale is None else args.cfg_scale, clip_x0=not args.no_clip)
-    make_output_dir(args.out)
-    t0 = time.perf_counter()
+def sample_images(args, gen, opts):
+    """The default mode: --n PNGs written batch by batch as they are made (memory flat in --n), and grid.png of
+    the first GRID_IMAGES, written as soon as they exist."""
+    from tinyddpm.files import prepare_output_dir
+    from tinyddpm.generate import Progress
+    from tinyddpm.imageio import make_grid, save_png
 
-    def progress(done, total):
-        dt = time.perf_counter() - t0
-        print(f"{done}/{total} images | {done / dt:.2f} img/s | ETA {(total - done) * dt / done:.0f}s",
-              file=sys.stderr, flush=True)
-
-    images = gen.images(seeds, cond, args.batch_size, progress, **kw)
-    save_images(images, seeds, args.out)
-    print(f"wrote {len(images)} images and grid.png to {args.out}")
+    cond = gen.parse_condition(args.classes, args.labels)
+    out = prepare_output_dir(args.out)
+    grid, written = [], 0
+    for seeds, images in gen.batches(opts.seeds(), cond, opts.batch_size, Progress(), **opts.sample_kw):
+        for s, img in zip(seeds, images):
+            save_png(img, os.path.join(out, f"{s:06d}.png"))
+        written += len(images)
+        if len(grid) < GRID_IMAGES:
+            grid.extend(images[: GRID_IMAGES - len(grid)])
+            if len(grid) == GRID_IMAGES or written == opts.n:
+                save_png(make_grid(np.stack(grid)), os.path.join(out, "grid.png"))
+    print(f"wrote {written} images and grid.png to {out}")
     return 0
 
 
-def make_output_dir(out):
-    """Create --out before any work is done, so an unwritable path fails at once."""
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create output folder {out}: {e.strerror}; choose a writable --out") from None
-
-
-def save_images(images, seeds, out):
-    from tinyddpm.imageio import make_grid, save_png
-
-    for img, s in zip(images, seeds):
-        save_png(img, os.path.join(out, f"{s:06d}.png"))
-    save_png(make_grid(images), os.path.join(out, "grid.png"))
-
-
-def report_bpd(gen, args):
+def report_bpd(args, gen, opts):
     """The full variational bound (T network calls per image) on the first --n images of the test split."""
     import torch
 
     from tinyddpm import data as data_mod
 
     images, labels, _ = data_mod.load_dataset(gen.cfg.data, split="test")
-    x = data_mod.to_float(images[: args.n])
+    x = data_mod.to_float(images[: opts.n])
     cond = None
     if gen.labels["kind"] != "none" and labels is not None:
-        cond = labels[: args.n]
-    g = torch.Generator().manual_seed(args.seed)
+        cond = labels[: opts.n]
+    g = torch.Generator().manual_seed(opts.seed)
     total = []
-    for i in range(0, len(x), args.batch_size):
-        xb = x[i: i + args.batch_size].to(gen.device)
-        c = None if cond is None else cond[i: i + args.batch_size]
+    for i in range(0, len(x), opts.batch_size):
+        xb = x[i: i + opts.batch_size].to(gen.device)
+        c = None if cond is None else cond[i: i + opts.batch_size]
         bpd = gen.diffusion.bits_per_dim(gen.model_fn(c, 1.0), xb, generator=g)
         total.append(bpd.cpu())
         print(f"{i + len(xb)}/{len(x)} images", file=sys.stderr, flush=True)

@@ -10,15 +10,15 @@ import numpy as np, torch
 sys.path.insert(0, ".")
 from tinyddpm import fusion
 from tinyddpm.data import load_cifar10
-from tinyddpm.generate import Generator
-from tinyddpm.imageio import to_uint8
+from tinyddpm.generate import LoadedModel
+from tinyddpm.imageio import to_pixels
 
 CIFAR = ".cache/cifar"
 mode, ckpt = sys.argv[1], sys.argv[2]
 n = int(sys.argv[3]) if len(sys.argv) > 3 else (8 if mode == "psnr" else 1000)
 steps = int(sys.argv[4]) if len(sys.argv) > 4 else 50
 eta = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0
-gen = Generator(ckpt, torch.device("cpu"))
+gen = LoadedModel(ckpt, torch.device("cpu"))
 print(f"checkpoint step {gen.step}, T = {gen.diffusion.num_timesteps}", flush=True)
 test, _ = load_cifar10(CIFAR, "test", ["cat"], download=False)           # uint8 [1000, 32, 32, 3]
 as_float = lambda u8: torch.from_numpy(u8).permute(0, 3, 1, 2).float().div(127.5).sub(1)
@@ -29,7 +29,7 @@ if mode == "psnr":
         ps = []
         for i in range(0, n, 2):      # pairs (0,1), (2,3), ...: both are endpoints of one interpolation
             frames, _ = fusion.interpolate(gen, x[i], x[i + 1], 2, steps=steps, clip_x0=clip)
-            f8 = to_uint8(frames)
+            f8 = to_pixels(frames)
             ps += [fusion.psnr(f8[0], test[i]), fusion.psnr(f8[1], test[i + 1])]
         print(f"clip_x0={clip}: endpoint PSNR over {n} test cats, {steps} inversion + {steps} decoding steps: "
               f"mean {np.mean(ps):.2f} dB, min {np.min(ps):.2f}, max {np.max(ps):.2f} "
@@ -54,7 +54,7 @@ else:
         x_t = fusion.mix_noised(gen.diffusion, a, b, torch.full((len(ks),), 0.5), t, eps, eps)
         out.append(gen.sample(ks, None, "ddim", steps, eta, 1.0, True, x_start=x_t, t_start=t).cpu())
         print(f"{ks[-1] + 1}/{n} fusions ({time.time() - t0:.0f}s)", flush=True)
-    fused = to_uint8(torch.cat(out))  # uint8 [n, 32, 32, 3]
+    fused = to_pixels(torch.cat(out))  # uint8 [n, 32, 32, 3]
     np.save("/tmp/fusions.npy", fused)
     mix = ((test[[p[0] for p in pairs]].astype(np.float64) + test[[p[1] for p in pairs]]) / 2).round()
     model = load_inception(device="cpu")

@@ -17,7 +17,7 @@ from tinyddpm import evaluator as ev
 from tinyddpm import training
 from tinyddpm.checkpoint import load_checkpoint
 from tinyddpm.config import build_config
-from tinyddpm.generate import Generator
+from tinyddpm.generate import LoadedModel, cycle
 from tinyddpm.samplers import ddim_sample, guided
 from tinyddpm.unet import UNet
 
@@ -102,12 +102,14 @@ def test_sample_shapes_model(shapes_ckpt, tmp_path, capsys):
 
 
 def test_parse_condition_for_both_kinds(class_ckpt, shapes_ckpt):
-    cls = Generator(str(class_ckpt), CPU).parse_condition(classes=["frog", " Cat"], n=3)
-    assert cls.dtype == torch.long and cls.tolist() == [1, 0, 1]  # indices into the stored names, cycled
-    multi = Generator(str(shapes_ckpt), CPU).parse_condition(labels="Red cube,  grey ball", n=2)
+    cls = LoadedModel(str(class_ckpt), CPU).parse_condition(classes=["frog", " Cat"])
+    assert cls.dtype == torch.long and cls.tolist() == [1, 0]  # indices into the stored names: one period
+    assert cycle(cls, 3, 6).tolist() == [0, 1, 0]  # images 3, 4, 5 cycle through it
+    multi = LoadedModel(str(shapes_ckpt), CPU).parse_condition(labels="Red cube,  grey ball")
     want = np.zeros(24, np.float32)
     want[[shapes.VOCAB.index("red cube"), shapes.VOCAB.index("gray sphere")]] = 1
-    assert multi.dtype == torch.float32 and multi.shape == (2, 24) and (multi.numpy() == want).all()
+    assert multi.dtype == torch.float32 and multi.shape == (1, 24) and (multi.numpy() == want).all()
+    assert cycle(multi, 0, 2).shape == (2, 24) and cycle(None, 0, 2) is None
 
 
 BAD_INPUTS = [
@@ -118,10 +120,10 @@ BAD_INPUTS = [
     ("shapes", ["--labels", "red"], ["not '<colour> <shape>'"]),
     ("shapes", ["--class", "cat"], ["label sets", "--labels"]),
     ("shapes", [], ["needs --labels"]),
-    ("shapes", ["--labels", "red cube", "--cfg-scale", "-1"], ["--cfg-scale must be ≥ 0"]),
+    ("shapes", ["--labels", "red cube", "--cfg-scale", "-1"], ["--cfg-scale must be at least 0"]),
     ("class", ["--labels", "red cube"], ["classes, not label sets", "cat, frog"]),
     ("class", ["--class", "dog"], ["'dog' was not trained", "knows: cat, frog"]),
-    ("class", ["--class", "cat", "--cfg-scale", "-0.5"], ["--cfg-scale must be ≥ 0"]),
+    ("class", ["--class", "cat", "--cfg-scale", "-0.5"], ["--cfg-scale must be at least 0"]),
     ("plain", ["--class", "cat"], ["unconditional"]),
     ("plain", ["--labels", "red cube"], ["unconditional"]),
     ("plain", ["--cfg-scale", "2"], ["unconditional"]),
@@ -166,7 +168,7 @@ def test_eval_labels_conditions_follow_the_held_out_list(shapes_ckpt, evaluator3
         calls.append((list(seeds), None if cond is None else cond.clone(), kw["cfg_scale"]))
         return np.zeros((len(seeds), 32, 32, 3), np.uint8)
 
-    monkeypatch.setattr(Generator, "images", fake_images)
+    monkeypatch.setattr(LoadedModel, "images", fake_images)
     argv = ["--ckpt", str(shapes_ckpt), "--eval-labels", "--evaluator", str(evaluator32), "--n-per-set", "3",
             "--seed", "7", "--cfg-sweep", "0", "2", "--out", str(tmp_path / "e"), "--device", "cpu"]
     code, out, err = run_script(sample, argv, capsys)
@@ -183,9 +185,9 @@ def test_eval_labels_conditions_follow_the_held_out_list(shapes_ckpt, evaluator3
     ([], ["needs --evaluator", "python -m tinyddpm.evaluator --out runs/evaluator.pt --size 32"]),
     (["--evaluator", "MISSING"], ["does not exist", "--size 32"]),
     (["--evaluator", "EV64"], ["trained on 64 px", "32 px", "--size 32"]),
-    (["--evaluator", "EV32", "--cfg-sweep", "1", "-2"], ["must be ≥ 0"]),
+    (["--evaluator", "EV32", "--cfg-sweep", "1", "-2"], ["finite and ≥ 0"]),
     (["--evaluator", "EV32", "--cfg-scale", "2", "--cfg-sweep", "1", "3"], ["not both"]),
-    (["--evaluator", "EV32", "--n-per-set", "0"], ["--n-per-set must be at least 1"]),
+    (["--evaluator", "EV32", "--n-per-set", "0"], ["--n-per-set must be between 1 and"]),
     (["--evaluator", "EV32", "--n-sets", "300"], ["--n-sets must be between 1 and 256"]),
     (["--evaluator", "EV32", "--labels", "red cube"], ["drop --class/--labels"]),
 ])
@@ -269,7 +271,7 @@ def test_guidance_w0_is_unconditional_and_w1_conditional_with_the_same_noise():
 
 
 def test_trained_model_output_depends_on_the_condition(shapes_ckpt):
-    gen = Generator(str(shapes_ckpt), CPU, use_ema=False)  # after 20 steps the EMA (decay 0.999) has barely moved
+    gen = LoadedModel(str(shapes_ckpt), CPU, use_ema=False)  # after 20 steps the EMA (decay 0.999) has barely moved
     x, t = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([500, 500])
     a = torch.from_numpy(shapes.parse_labels("red cube, blue sphere")).expand(2, -1)
     b = torch.from_numpy(shapes.parse_labels("yellow cylinder")).expand(2, -1)

@@ -11,8 +11,8 @@ import sample
 import train
 from tests.helpers import MICRO_FLAGS, assert_user_error, make_image_folder, run_script
 from tinyddpm import fusion
-from tinyddpm.generate import Generator
-from tinyddpm.imageio import to_uint8
+from tinyddpm.generate import LoadedModel
+from tinyddpm.imageio import to_pixels
 
 SIZE = 16           # the micro model's resolution
 T = 100             # MICRO_FLAGS --timesteps
@@ -40,7 +40,7 @@ def tiny(tmp_path_factory):
     b = root / "b.jpg"
     Image.fromarray(np.tile(np.linspace(0, 255, 20, dtype=np.uint8)[:, None], (1, 18)), "L").save(b)
     return dict(root=root, ckpt=str(root / "run" / "ckpt.pt"), a=str(a), b=str(b),
-                gen=Generator(str(root / "run" / "ckpt.pt"), torch.device("cpu")))
+                gen=LoadedModel(str(root / "run" / "ckpt.pt"), torch.device("cpu")))
 
 
 def _inputs(tiny):
@@ -120,7 +120,7 @@ def test_inversion_round_trip(tiny):
     frames, latents = fusion.interpolate(tiny["gen"], a, b, 3, steps=T, clip_x0=False)
     assert frames.shape == (3, 3, SIZE, SIZE) and latents.shape == (2, 3, SIZE, SIZE)
     assert (frames[0] - a).abs().mean() < 0.1 and (frames[-1] - b).abs().mean() < 0.1
-    a8, b8, f8 = to_uint8(a[None])[0], to_uint8(b[None])[0], to_uint8(frames)
+    a8, b8, f8 = to_pixels(a[None])[0], to_pixels(b[None])[0], to_pixels(frames)
     assert fusion.psnr(f8[0], a8) > 24 and fusion.psnr(f8[-1], b8) > 24
     assert fusion.psnr(f8[1], a8) < 15 and fusion.psnr(f8[1], b8) < 15     # the middle frame is neither input
 
@@ -138,7 +138,7 @@ def test_script_fusion_strip_layout(tiny, tmp_path, capsys):
     assert sorted(os.listdir(out)) == sorted([f"fused_seed{s:06d}_lam{x}.png" for s in (7, 8) for x in lams] +
                                              ["strip_seed000007.png", "strip_seed000008.png"])
     assert "t = 20 of T = 100" in stdout
-    a8, b8 = (to_uint8(x[None])[0] for x in _inputs(tiny))
+    a8, b8 = (to_pixels(x[None])[0] for x in _inputs(tiny))
     pad = 2
     s = _png(out / "strip_seed000008.png")
     # One row: a | three fusions | b, 2-px white borders between and around.
@@ -205,7 +205,8 @@ def test_class_model_needs_class_and_dcgan_is_refused(tiny, other_ckpts, tmp_pat
     (["--fuse", "A"], ["two images", "got 1"]),
     (["--fuse", "A", "B", "A"], ["two images", "got 3"]),
     (["--interpolate", "A", "B", "A"], ["two images", "got 3"]),
-    (["--interpolate", "A", "B", "--frames", "1"], ["--frames", "at least 2"]),
+    (["--interpolate", "A", "B", "--frames", "1"], ["--frames", "between 2"]),
+    (["--interpolate", "A", "B", "--frames", "1001"], ["--frames", "and 1000"]),
     (["--interpolate", "A", "B", "--inversion-steps", "0"], ["--inversion-steps"]),
     (["--interpolate", "A", "B", "--sampler", "ddpm"], ["deterministic"]),
     (["--interpolate", "A", "B", "--lam", "0.5"], ["--lam", "only apply to --fuse"]),

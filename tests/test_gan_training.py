@@ -12,7 +12,7 @@ import train
 from tests.helpers import assert_user_error, make_image_folder, run_script
 from tinyddpm.checkpoint import load_checkpoint
 from tinyddpm.config import build_config, user_overrides
-from tinyddpm.generate import Generator
+from tinyddpm.generate import LoadedModel
 from tinyddpm.gan_training import train_gan
 
 # Narrow networks on 16 px images: a step takes milliseconds, the structure is the real one.
@@ -52,7 +52,7 @@ def test_run_folder_and_checkpoint_round_trip(tmp_path, capsys):
     assert ck["run_config"].gan.g_channels == 8 and ck["sampler"]["n"] == 6
     assert ck["optimizers"]["g"]["param_groups"][0]["betas"] == (0.5, 0.999)
     # --ema-decay 0: the EMA weights are the generator's (only the BatchNorm statistics are re-estimated).
-    for k, v in dict(Generator(str(out), torch.device("cpu")).model.named_parameters()).items():
+    for k, v in dict(LoadedModel(str(out), torch.device("cpu")).model.named_parameters()).items():
         assert torch.equal(v, ck["models"]["generator"][k]), k
     assert json.load(open(out / "config.json"))["model"] == "dcgan"
     assert sorted(os.listdir(out / "samples")) == ["step_0000002.png", "step_0000004.png"]
@@ -108,7 +108,7 @@ def test_resume_refuses_other_config_or_kind(tmp_path, capsys):
 
 
 def test_sampling_per_image_seeds_and_batch_size(gan_ckpt, tmp_path, capsys):
-    gen = Generator(str(gan_ckpt), torch.device("cpu"))
+    gen = LoadedModel(str(gan_ckpt), torch.device("cpu"))
     assert gen.kind == "dcgan" and not gen.model.training
     a, b = gen.images([5, 6, 7]), gen.images([7])
     assert a.shape == (3, 16, 16, 3) and (a[2] == b[0]).all() and not (a[0] == a[1]).all()
@@ -120,7 +120,7 @@ def test_sampling_per_image_seeds_and_batch_size(gan_ckpt, tmp_path, capsys):
         assert sorted(os.listdir(tmp_path / bs)) == ["000000.png", "000001.png", "000002.png", "grid.png"]
         runs[bs] = [np.asarray(Image.open(tmp_path / bs / f"00000{i}.png")) for i in range(3)]
     assert all((x == y).all() for x, y in zip(runs["1"], runs["3"]))
-    raw = Generator(str(gan_ckpt), torch.device("cpu"), use_ema=False).images([5, 6, 7])
+    raw = LoadedModel(str(gan_ckpt), torch.device("cpu"), use_ema=False).images([5, 6, 7])
     assert not (raw == a).all()  # --raw really loads the other weights
 
 
@@ -159,7 +159,7 @@ def test_conditional_gan_on_cifar(cifar_root, tmp_path, capsys):
     assert ck["labels"] == {"kind": "class", "names": ["cat", "dog"]}
     assert ck["models"]["generator"]["embed.weight"].shape == (2, 64)  # both networks see the class
     assert ck["models"]["discriminator"]["embed.weight"].shape[0] == 2
-    gen = Generator(str(out), torch.device("cpu"))
+    gen = LoadedModel(str(out), torch.device("cpu"))
     cat, dog = gen.images([0, 1], torch.tensor([0, 0])), gen.images([0, 1], torch.tensor([1, 1]))
     assert cat.shape == (2, 32, 32, 3) and not (cat == dog).all()  # same latents, other class, other images
     code, _, err = run_script(sample, ["--ckpt", str(out), "--n", "2", "--class", "dog", "--out",

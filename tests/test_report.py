@@ -133,15 +133,15 @@ def test_class_model_gives_one_row_per_class(ckpts, fake, cifar_root, tmp_path, 
         return images[:8 if split == "test" else 16], labels[:8 if split == "test" else 16]
 
     monkeypatch.setattr(data_mod, "load_cifar10", small)
-    from tinyddpm.generate import Generator
+    from tinyddpm.generate import LoadedModel
 
-    conds, images = [], Generator.images
+    conds, images = [], LoadedModel.images
 
     def spy(self, seeds, cond=None, *a, **kw):
         conds.append((list(seeds), cond.tolist(), kw.get("cfg_scale")))
         return images(self, seeds, cond, *a, **kw)
 
-    monkeypatch.setattr(Generator, "images", spy)
+    monkeypatch.setattr(LoadedModel, "images", spy)
     code, out, err = run_script(sample, _report(ckpts["cond"], tmp_path, "--data-dir", cifar_root,
                                                 "--cfg-scale", "2", "--eta", "1"), capsys)
     assert code == 0, err

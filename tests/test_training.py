@@ -8,7 +8,7 @@ import sample
 import train
 from tests.helpers import MICRO_FLAGS, assert_user_error, make_image_folder, run_script
 from tinyddpm.checkpoint import load_checkpoint
-from tinyddpm.generate import Generator
+from tinyddpm.generate import LoadedModel
 
 
 def folder_flags(tmp_path, out, steps, extra=()):
@@ -59,7 +59,7 @@ def test_checkpoint_round_trip_and_sampling(tmp_path, capsys):
     ck = load_checkpoint(out / "ckpt.pt")
     assert ck["kind"] == "ddpm" and ck["step"] == 3 and ck["run_config"].unet.base_channels == 32
     assert os.path.exists(out / "samples" / "step_0000003.png") and os.path.exists(out / "config.json")
-    gen = Generator(str(out / "ckpt.pt"), torch.device("cpu"))
+    gen = LoadedModel(str(out / "ckpt.pt"), torch.device("cpu"))
     a = gen.images([5, 6, 7], steps=4)
     b = gen.images([7], steps=4)
     assert a.shape == (3, 16, 16, 3) and (a[2] == b[0]).all()   # per-image seeds

@@ -18,8 +18,8 @@ changes what the evaluator sees and so the figure. Writes <--out>/eval_grid_w<w>
 images; cell j shows set j // n_per_set), eval_labels.txt (the sets in list order, one per line) and eval.json.
 """
 import json
+import math
 import os
-import sys
 import time
 
 import numpy as np
@@ -28,11 +28,12 @@ import torch
 from . import evaluator as ev
 from . import shapes
 from .errors import UserError
-from .files import atomic_write_bytes
-from .imageio import make_grid, save_png
+from .files import atomic_write_bytes, prepare_output_dir
+from .generate import Progress
+from .imageio import GRID_IMAGES, make_grid, save_png
 
-DEFAULT_EVAL_STEPS = 50  # DDIM steps when --steps is not given: the figure moves little beyond this
-GRID_IMAGES = 64  # images in each written grid (8 × 8)
+DEFAULT_EVAL_STEPS = 50  # sampler steps when --steps is not given: the figure moves little beyond this
+MAX_PER_SET = 100  # images per label set: all N = 256 × this are held in memory for the evaluator
 EXAMPLE_EVALUATOR = "runs/evaluator.pt"
 
 
@@ -63,10 +64,20 @@ def chance_accuracy(label_sets):
 
 
 # ------------------------------------------------------------------------------------------------ checks
-def check(args, gen):
-    """Every way the request can be wrong, before anything slow happens. Returns (scales, sets)."""
+def image_count(args):
+    """How many images the run makes, n_per_set × n_sets, with this mode's own count flags checked first (sample.py
+    asks for it while it resolves the sampling options, before anything slow)."""
     if not args.eval_labels:
         raise UserError("--evaluator, --n-per-set, --n-sets and --cfg-sweep only apply with --eval-labels")
+    if not 1 <= args.n_per_set <= MAX_PER_SET:
+        raise UserError(f"--n-per-set must be between 1 and {MAX_PER_SET} (got {args.n_per_set})")
+    if args.n_sets is not None and not 1 <= args.n_sets <= shapes.EVAL_COUNT:
+        raise UserError(f"--n-sets must be between 1 and {shapes.EVAL_COUNT} (got {args.n_sets})")
+    return args.n_per_set * (args.n_sets or shapes.EVAL_COUNT)
+
+
+def check(args, gen, opts):
+    """Every way the request can be wrong, before anything slow happens. Returns (scales, sets)."""
     kind = gen.labels["kind"]
     if kind != "multilabel":
         what = "unconditional" if kind == "none" else "conditioned on classes"
@@ -74,15 +85,12 @@ def check(args, gen):
                         f"this checkpoint is {what}")
     if args.classes or args.labels:
         raise UserError("--eval-labels uses the fixed held-out label sets; drop --class/--labels")
-    if args.n_per_set < 1:
-        raise UserError(f"--n-per-set must be at least 1 (got {args.n_per_set})")
-    if args.n_sets is not None and not 1 <= args.n_sets <= shapes.EVAL_COUNT:
-        raise UserError(f"--n-sets must be between 1 and {shapes.EVAL_COUNT} (got {args.n_sets})")
     if args.cfg_sweep is not None and args.cfg_scale is not None:
         raise UserError("give either --cfg-scale W or --cfg-sweep W1 W2 …, not both")
-    scales = args.cfg_sweep or [1.0 if args.cfg_scale is None else args.cfg_scale]
-    if any(w < 0 for w in scales):
-        raise UserError(f"guidance scales must be ≥ 0 (got {scales}); 0 is unconditional, 1 plain conditional")
+    scales = args.cfg_sweep or [opts.cfg_scale]  # --cfg-scale was checked with the other sampling options
+    if not all(math.isfinite(w) and w >= 0 for w in scales):
+        raise UserError(f"guidance scales must be finite and ≥ 0 (got {scales}); 0 is unconditional, "
+                        "1 plain conditional")
     if gen.kind != "ddpm" and args.cfg_sweep is not None:
         raise UserError("--cfg-sweep only applies to diffusion models; this checkpoint is a DCGAN")
     sets = shapes.eval_label_sets()[: args.n_sets]
@@ -114,42 +122,32 @@ def conditions(sets, n_per_set):
     return np.repeat(rows, n_per_set, axis=0)
 
 
-def generate(gen, cond, seeds, w, args, progress=None):
+def generate(gen, cond, w, opts, progress=None):
     """uint8 [N, S, S, 3] for multi-hot `cond` [N, 24] at guidance scale w."""
-    if gen.kind != "ddpm":
-        return gen.images(seeds, torch.from_numpy(cond), args.batch_size, progress)
-    kw = dict(sampler=args.sampler or "ddim", steps=args.steps or DEFAULT_EVAL_STEPS, eta=args.eta or 0.0,
-              clip_x0=not args.no_clip)
     # w = 0 is the unconditional model: out_u + 0·(out_c − out_u) = out_u. Passing no condition gives the same
     # null-condition prediction with one forward pass instead of two.
-    c = None if w == 0 else torch.from_numpy(cond)
-    return gen.images(seeds, c, args.batch_size, progress, cfg_scale=w, **kw)
+    c = None if w == 0 and gen.kind == "ddpm" else torch.from_numpy(cond)
+    kw = dict(opts.sample_kw, cfg_scale=w)
+    return gen.images(opts.seeds(), c, opts.batch_size, progress, **kw)
 
 
-def run(args, gen):
+def run(args, gen, opts):
     """sample.py --eval-labels: generate, score, print one line per scale (a table for a sweep), write grids."""
-    scales, sets = check(args, gen)
+    scales, sets = check(args, gen, opts)
     evaluator = load_matching_evaluator(args.evaluator, gen.image_size, gen.device)
-    cond = conditions(sets, args.n_per_set)
-    seeds = list(range(args.seed, args.seed + len(cond)))
-    os.makedirs(args.out, exist_ok=True)
-    steps = "" if gen.kind != "ddpm" else (
-        f", {args.sampler or 'ddim'}" + ("" if args.sampler == "ddpm" else f" {args.steps or DEFAULT_EVAL_STEPS} steps"))
+    cond = conditions(sets, args.n_per_set)  # [opts.n, 24]
+    out = prepare_output_dir(args.out)
+    how = "" if gen.kind != "ddpm" else f", {opts.sampler}" + ("" if opts.sampler == "ddpm" else f" {opts.steps} steps")
     results = []
     for w in scales:
         t0 = time.perf_counter()
-
-        def progress(done, total):
-            dt = time.perf_counter() - t0
-            print(f"w = {w:g}: {done}/{total} images | {done / dt:.2f} img/s", file=sys.stderr, flush=True)
-
-        images = generate(gen, cond, seeds, w, args, progress)
+        images = generate(gen, cond, w, opts, Progress(f"w = {w:g}: "))
         accuracy = ev.evaluate_images(evaluator, images, cond)
         seconds = time.perf_counter() - t0
-        save_png(make_grid(images[:GRID_IMAGES]), os.path.join(args.out, f"eval_grid_w{w:g}.png"))
+        save_png(make_grid(images[:GRID_IMAGES]), os.path.join(out, f"eval_grid_w{w:g}.png"))
         results.append(dict(cfg_scale=w, accuracy=accuracy, images=len(images), seconds=seconds))
         print(f"accuracy: {100 * accuracy:.1f}% on {len(images)} images of the held-out label sets "
-              f"(w = {w:g}{steps}, {seconds:.0f}s)", flush=True)
+              f"(w = {w:g}{how}, {seconds:.0f}s)", flush=True)
     chance = chance_accuracy(sets)
     if len(results) > 1:
         print("\n|   w | accuracy | images | seconds |\n|---:|---:|---:|---:|")
@@ -157,9 +155,9 @@ def run(args, gen):
             print(f"| {r['cfg_scale']:g} | {100 * r['accuracy']:.1f}% | {r['images']} | {r['seconds']:.0f} |")
     print(f"chance (labels ranked independently of the image): {100 * chance:.1f}%")
     summary = dict(ckpt=os.fspath(args.ckpt), step=gen.step, evaluator=os.fspath(args.evaluator),
-                   label_sets=len(sets), n_per_set=args.n_per_set, seed=args.seed, chance=chance, results=results)
-    atomic_write_bytes(os.path.join(args.out, "eval.json"), (json.dumps(summary, indent=2) + "\n").encode())
+                   label_sets=len(sets), n_per_set=args.n_per_set, seed=opts.seed, chance=chance, results=results)
+    atomic_write_bytes(os.path.join(out, "eval.json"), (json.dumps(summary, indent=2) + "\n").encode())
     text = "".join(", ".join(f"{c} {s}" for c, s in objs) + "\n" for objs in sets)
-    atomic_write_bytes(os.path.join(args.out, "eval_labels.txt"), text.encode())
-    print(f"wrote eval.json, eval_labels.txt and {len(results)} grid(s) to {args.out}")
+    atomic_write_bytes(os.path.join(out, "eval_labels.txt"), text.encode())
+    print(f"wrote eval.json, eval_labels.txt and {len(results)} grid(s) to {out}")
     return 0

@@ -19,6 +19,7 @@ import torch
 from .errors import UserError
 from .files import download
 from .imageio import list_images, load_rgb, resize_center_crop
+from .imageio import to_uint8  # noqa: F401  (the inverse of to_float below; one quantisation, kept in imageio)
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -260,11 +261,6 @@ def describe_fingerprint(fp):
 def to_float(x):
     """uint8 [B, 3, H, W] → float32 in [-1, 1]."""
     return x.float().div(127.5).sub(1.0)
-
-
-def to_uint8(x):
-    """float in [-1, 1] → uint8 (rounded, clipped), same shape. (imageio.to_uint8 also moves channels last.)"""
-    return x.detach().float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
 
 
 def random_flip(x, generator):

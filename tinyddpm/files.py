@@ -2,6 +2,7 @@
 
 A reader (or a resumed run after SIGKILL) sees either the old file or the complete new one, never half of one.
 """
+import contextlib
 import hashlib
 import io
 import os
@@ -24,7 +25,10 @@ def file_mode():
 
 
 def atomic_write_bytes(path, data: bytes):
-    """Write `data` to `path` atomically. Raises UserError if the folder cannot be written."""
+    """Write `data` to `path` atomically. Raises UserError if the folder cannot be written.
+
+    The temporary file is removed on ANY way out short of os.replace, Ctrl-C and SIGTERM included (run_cli turns
+    SIGTERM into SystemExit), so an interrupted run leaves no `.name.*.tmp` behind."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     try:
@@ -39,12 +43,12 @@ def atomic_write_bytes(path, data: bytes):
             os.fsync(f.fileno())
         os.chmod(tmp, file_mode())
         os.replace(tmp, path)
-    except OSError as e:
-        try:
+    except BaseException as e:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
-        raise UserError(f"cannot write {path}: {e.strerror}; the previous file, if any, is untouched") from None
+        if isinstance(e, OSError):
+            raise UserError(f"cannot write {path}: {e.strerror}; the previous file, if any, is untouched") from None
+        raise
 
 
 def atomic_torch_save(obj, path):
@@ -67,9 +71,46 @@ def atomic_save_image(img, path):
 def check_output_dir(path):
     """Refuse an output path that exists and is not a folder (a user's file must not be replaced)."""
     path = os.fspath(path)
+    if os.path.islink(path) and not os.path.exists(path):
+        raise UserError(f"output path {path} is a broken symbolic link; remove it or pass another --out")
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"output path {path} is a file, not a folder; pass a folder path with --out")
     return path
+
+
+def prepare_output_dir(path):
+    """The one way an output folder is made: refuse a file in its place, create it (and its parents), and check
+    it can be written. Call it after the cheap checks and before the slow work, so a bad --out fails at once and a
+    refused command leaves nothing behind. Returns the path."""
+    path = check_output_dir(path)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create output folder {path}: {e.strerror}; choose a writable --out") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to output folder {path}: permission denied; choose a writable --out")
+    return path
+
+
+@contextlib.contextmanager
+def removed_if_unused(path):
+    """Folders on the way to `path` that the block creates are removed again if it fails and leaves them empty.
+
+    So a mode can make its output folder before the slow work (an uncreatable --out fails at once) and a refusal
+    that comes later (an unreadable image, a reference of the wrong size, Ctrl-C) still leaves nothing behind."""
+    new, p = [], os.path.abspath(os.fspath(path))
+    while not os.path.lexists(p) and os.path.dirname(p) != p:  # the missing folders, deepest first
+        new.append(p)
+        p = os.path.dirname(p)
+    try:
+        yield
+    except BaseException:
+        for folder in new:
+            try:
+                os.rmdir(folder)  # only if empty; stops at the first one that holds something
+            except OSError:
+                break
+        raise
 
 
 def download(url, dest, algorithm, check, timeout=60, announce=None):

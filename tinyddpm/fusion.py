@@ -22,19 +22,19 @@ Shapes: an input image is float [3, S, S] in [−1, 1]; batches are [B, 3, S, S]
 """
 import math
 import os
-import sys
-import time
 
 import numpy as np
 import torch
 
 from .errors import UserError
-from .generate import DEFAULT_DDIM_STEPS, DefaultN
-from .imageio import load_rgb, make_grid, resize_center_crop, save_png, to_tensor, to_uint8
-from .samplers import ImageNoise, ddim_invert, ddim_sample
+from .files import prepare_output_dir
+from .generate import DEFAULT_DDIM_STEPS, Progress, cycle
+from .imageio import load_rgb, make_grid, resize_center_crop, save_png, to_pixels, to_tensor
+from .samplers import ImageNoise, ddim_invert, sample
 
 DEFAULT_LAM = 0.5
 DEFAULT_FRAMES = 9
+MAX_FRAMES = 1000  # frames of one interpolation: all of them sit in memory and side by side in strip.png
 DEFAULT_STEPS = DEFAULT_DDIM_STEPS  # DDIM steps when --steps is not given (sample.py's default)
 NOISE_MODES = ("shared", "independent")
 # The forward noise of a fusion is drawn from its own stream, so it is not the first draw of the sampler's noise
@@ -93,27 +93,34 @@ def mix_noised(diffusion, a, b, lam, t, eps_a, eps_b, noise="shared"):
 
 
 @torch.no_grad()
-def fuse(gen, a, b, lams, t, seeds, cond=None, noise="shared", batch_size=256, progress=None, **sample_kw):
-    """Fusions of a and b ([3, S, S] in [−1, 1]) for every seed and λ: float [len(seeds), len(lams), 3, S, S].
+def fuse_rows(gen, a, b, lams, t, seeds, cond=None, noise="shared", batch_size=256, progress=None, **sample_kw):
+    """Fusions of a and b ([3, S, S] in [−1, 1]), made lazily: yields (the chunk's seeds, float [k, L, 3, S, S]),
+    one row of L = len(lams) fusions per seed, so a caller that writes each chunk holds one chunk in memory.
 
-    gen: a diffusion `Generator`; t: schedule index (0 … T−1); cond: one condition per seed ([n] or [n, K]) or None;
-    sample_kw: sampler, steps, eta, cfg_scale, clip_x0 as for `Generator.sample`. Image (seed s, λ) draws its forward
-    noise and its sampler noise from s alone, so one seed's row differs only in λ, whatever the batch size.
+    gen: a diffusion `LoadedModel`; t: schedule index (0 … T−1); cond: rows cycled over the seeds (generate.cycle:
+    seed j gets row j % P) or None; sample_kw: sampler, steps, eta, cfg_scale, clip_x0 as for `LoadedModel.sample`.
+    A batch holds whole rows: max(1, batch_size // L) seeds. Image (seed s, λ) draws its forward noise and its
+    sampler noise from s alone, so one seed's row differs only in λ, whatever the batch size.
     """
-    jobs = [(s, lam) for s in seeds for lam in lams]
-    conds = None if cond is None else cond.repeat_interleave(len(lams), dim=0)
-    out = []
-    for i in range(0, len(jobs), batch_size):
-        chunk = jobs[i: i + batch_size]
-        chunk_seeds = [s for s, _ in chunk]
-        lam = torch.tensor([lam for _, lam in chunk], dtype=torch.float32)
-        eps_a, eps_b = forward_noise(chunk_seeds, a.shape, noise)
-        x_t = mix_noised(gen.diffusion, a, b, lam, t, eps_a, eps_b, noise)
-        c = None if conds is None else conds[i: i + batch_size]
-        out.append(gen.sample(chunk_seeds, c, x_start=x_t, t_start=t, **sample_kw).float().cpu())
+    per_batch = max(1, batch_size // len(lams))
+    lam_row = torch.tensor(lams, dtype=torch.float32)
+    for i in range(0, len(seeds), per_batch):
+        chunk = seeds[i: i + per_batch]
+        job_seeds = [s for s in chunk for _ in lams]
+        eps_a, eps_b = forward_noise(job_seeds, a.shape, noise)
+        x_t = mix_noised(gen.diffusion, a, b, lam_row.repeat(len(chunk)), t, eps_a, eps_b, noise)
+        c = cycle(cond, i, i + len(chunk))
+        c = None if c is None else c.repeat_interleave(len(lams), dim=0)
+        x = gen.sample(job_seeds, c, x_start=x_t, t_start=t, **sample_kw).float().cpu()
         if progress:
-            progress(i + len(chunk), len(jobs))
-    return torch.cat(out).view(len(seeds), len(lams), *a.shape)
+            progress((i + len(chunk)) * len(lams), len(seeds) * len(lams))
+        yield chunk, x.view(len(chunk), len(lams), *a.shape)
+
+
+def fuse(gen, a, b, lams, t, seeds, cond=None, noise="shared", batch_size=256, progress=None, **sample_kw):
+    """All fusions at once: float [len(seeds), len(lams), 3, S, S] (see fuse_rows)."""
+    return torch.cat([x for _, x in fuse_rows(gen, a, b, lams, t, seeds, cond, noise, batch_size, progress,
+                                              **sample_kw)])
 
 
 # ---- interpolation --------------------------------------------------------------------------------------------
@@ -168,8 +175,8 @@ def interpolate(gen, a, b, frames, cond=None, steps=DEFAULT_STEPS, inversion_ste
         zb = z[i: i + batch_size]
         fn = gen.model_fn(_repeat_cond(cond, len(zb)), cfg_scale)
         # η = 0: the seeds draw no noise; they are only there because the sampler takes one per image.
-        out.append(ddim_sample(gen.diffusion, fn, tuple(a.shape), [0] * len(zb), device, steps, 0.0, clip_x0,
-                               x_start=zb).float().cpu())
+        out.append(sample("ddim", gen.diffusion, fn, tuple(a.shape), [0] * len(zb), device, steps, 0.0, clip_x0,
+                          x_start=zb).float().cpu())
         if progress:
             progress(i + len(zb), frames)
     return torch.cat(out), latents.cpu()
@@ -220,9 +227,9 @@ def _flags(args, names):
     return [f"--{k.replace('_', '-')}" for k in names if getattr(args, k) is not None]
 
 
-def check_args(args, gen):
+def check_args(args, gen, opts):
     """Every user mistake of a fusion/interpolation command as one UserError, before any image is read.
-    (sample.py has already refused two modes at once, e.g. --fuse with --interpolate.)"""
+    (sample.py has already refused two modes at once, --n with --interpolate, and checked the sampling options.)"""
     mode = "--fuse" if args.fuse else "--interpolate"
     if gen.kind != "ddpm":
         raise UserError(f"{mode} needs a diffusion model; {args.ckpt} is a {gen.kind.upper()} checkpoint")
@@ -240,78 +247,66 @@ def check_args(args, gen):
     else:
         if _flags(args, FUSE_ONLY):
             raise UserError(f"{' '.join(_flags(args, FUSE_ONLY))} only apply to --fuse")
-        if args.frames is not None and args.frames < 2:
-            raise UserError(f"--frames must be at least 2 (the two inputs' ends) (got {args.frames})")
+        if args.frames is not None and not 2 <= args.frames <= MAX_FRAMES:
+            raise UserError(f"--frames must be between 2 (the two inputs' ends) and {MAX_FRAMES} (got {args.frames})")
         if args.inversion_steps is not None and args.inversion_steps < 1:
             raise UserError(f"--inversion-steps must be at least 1 (got {args.inversion_steps})")
-        if args.sampler == "ddpm" or (args.eta or 0.0) > 0:
-            raise UserError("--interpolate decodes with deterministic DDIM (η = 0); drop --sampler ddpm / --eta")
-        if not isinstance(args.n, DefaultN):
-            raise UserError("--n does not apply to --interpolate (it is deterministic); use --frames")
+        if args.sampler not in (None, "ddim") or opts.eta > 0:
+            raise UserError("--interpolate decodes with deterministic DDIM (η = 0); drop --sampler / --eta")
         if args.classes and len(args.classes) > 1:
             raise UserError("--interpolate takes one --class (both inputs are encoded with it)")
 
 
-def condition(args, gen, n):
-    """The condition for n images; a class model needs --class (fusion must not cycle through every class)."""
+def condition(args, gen):
+    """The condition rows cycled over the seeds; a class model needs --class (fusion must not cycle through every
+    class)."""
     if gen.labels["kind"] == "class" and not args.classes:
         raise UserError(f"this model is class-conditional; give the inputs' class with --class "
                         f"(one of {', '.join(gen.labels['names'])})")
-    return gen.parse_condition(args.classes, args.labels, n)
+    return gen.parse_condition(args.classes, args.labels)
 
 
-def run(args, gen):
+def run(args, gen, opts):
     """sample.py's --fuse / --interpolate mode. Returns the exit code."""
-    check_args(args, gen)
+    check_args(args, gen, opts)
     a, b = (load_image(p, gen.image_size) for p in (args.fuse or args.interpolate))
-    # Fusion: one image per λ unless --n is given. Interpolation: one condition for both inputs and every frame.
-    n = 1 if isinstance(args.n, DefaultN) or args.interpolate else args.n
-    cond = condition(args, gen, n)
-    t0 = time.perf_counter()
-
-    def progress(done, total):
-        dt = time.perf_counter() - t0
-        print(f"{done}/{total} images | {done / dt:.2f} img/s | ETA {(total - done) * dt / done:.0f}s",
-              file=sys.stderr, flush=True)
-
-    os.makedirs(args.out, exist_ok=True)
-    steps = args.steps or DEFAULT_STEPS
-    cfg_scale = 1.0 if args.cfg_scale is None else args.cfg_scale
-    a8, b8 = to_uint8(torch.stack([a, b]))
+    cond = condition(args, gen)
+    out = prepare_output_dir(args.out)
+    a8, b8 = to_pixels(torch.stack([a, b]))
     if args.fuse:
-        return _run_fusion(args, gen, a, b, a8, b8, n, cond, steps, cfg_scale, progress)
-    return _run_interpolation(args, gen, a, b, a8, b8, cond, steps, cfg_scale, progress)
+        return _run_fusion(args, gen, opts, a, b, a8, b8, cond, out)
+    return _run_interpolation(args, gen, opts, a, b, a8, b8, cond, out)
 
 
-def _run_fusion(args, gen, a, b, a8, b8, n, cond, steps, cfg_scale, progress):
+def _run_fusion(args, gen, opts, a, b, a8, b8, cond, out):
+    """--n fusions per λ (default 1), written seed by seed as they are made."""
     T = gen.diffusion.num_timesteps
     t_user = default_t(T) if args.t is None else args.t
     lams = args.lam or [DEFAULT_LAM]
     noise = args.noise or "shared"
-    seeds = list(range(args.seed, args.seed + n))
-    fused = fuse(gen, a, b, lams, to_index(t_user, T), seeds, cond, noise, args.batch_size, progress,
-                 sampler=args.sampler or "ddim", steps=steps, eta=args.eta or 0.0, cfg_scale=cfg_scale,
-                 clip_x0=not args.no_clip)
-    single = n == 1 and len(lams) == 1
-    for i, s in enumerate(seeds):
-        row = to_uint8(fused[i])  # [L, S, S, 3]
-        for lam, img in zip(lams, row):
-            save_png(img, os.path.join(args.out, "fused.png" if single else f"fused_seed{s:06d}_lam{lam:g}.png"))
-        save_png(strip(a8, row, b8), os.path.join(args.out, "strip.png" if single else f"strip_seed{s:06d}.png"))
-    print(f"wrote {n * len(lams)} fusion(s) and {n} strip(s) (A | λ = {', '.join(f'{x:g}' for x in lams)} | B) "
-          f"to {args.out}: t = {t_user} of T = {T}, {noise} noise, {args.sampler or 'ddim'} sampler")
+    single = opts.n == 1 and len(lams) == 1
+    rows = fuse_rows(gen, a, b, lams, to_index(t_user, T), opts.seeds(), cond, noise, opts.batch_size, Progress(),
+                     **opts.sample_kw)
+    for seeds, fused in rows:
+        for s, row in zip(seeds, fused):
+            row = to_pixels(row)  # [L, S, S, 3]
+            for lam, img in zip(lams, row):
+                save_png(img, os.path.join(out, "fused.png" if single else f"fused_seed{s:06d}_lam{lam:g}.png"))
+            save_png(strip(a8, row, b8), os.path.join(out, "strip.png" if single else f"strip_seed{s:06d}.png"))
+    print(f"wrote {opts.n * len(lams)} fusion(s) and {opts.n} strip(s) (A | λ = {', '.join(f'{x:g}' for x in lams)} "
+          f"| B) to {out}: t = {t_user} of T = {T}, {noise} noise, {opts.sampler} sampler")
     return 0
 
 
-def _run_interpolation(args, gen, a, b, a8, b8, cond, steps, cfg_scale, progress):
+def _run_interpolation(args, gen, opts, a, b, a8, b8, cond, out):
     frames = args.frames or DEFAULT_FRAMES
-    out, _ = interpolate(gen, a, b, frames, cond, steps, args.inversion_steps, cfg_scale, clip_x0=False,
-                         batch_size=args.batch_size, progress=progress)
-    imgs = to_uint8(out)
+    decoded, _ = interpolate(gen, a, b, frames, cond, opts.steps, args.inversion_steps, opts.cfg_scale,
+                             clip_x0=False, batch_size=opts.batch_size, progress=Progress())
+    imgs = to_pixels(decoded)
     for k, img in enumerate(imgs):
-        save_png(img, os.path.join(args.out, f"frame_{k:03d}.png"))
-    save_png(strip(a8, imgs, b8), os.path.join(args.out, "strip.png"))
-    print(f"wrote {frames} frames and strip.png to {args.out}; endpoint reconstruction PSNR: "
+        save_png(img, os.path.join(out, f"frame_{k:03d}.png"))
+    save_png(strip(a8, imgs, b8), os.path.join(out, "strip.png"))
+    print(f"wrote {frames} frames and strip.png to {out}; endpoint reconstruction PSNR: "
           f"A {psnr(imgs[0], a8):.2f} dB, B {psnr(imgs[-1], b8):.2f} dB "
-          f"(inversion {args.inversion_steps or steps} steps, decoding {steps} steps)")
+          f"(inversion {args.inversion_steps or opts.steps} steps, decoding {opts.steps} steps)")
     return 0

@@ -21,7 +21,7 @@ from .config import build_config
 from .dcgan import gan_train_step, instance_noise_std, make_optimizers, sample_z
 from .ema import EMA
 from .errors import UserError
-from .imageio import make_grid, save_png, to_uint8
+from .imageio import make_grid, save_png, to_pixels
 from .models import build_gan, grid_condition
 from .runs import Run, StopSignals, say, throughput
 
@@ -83,7 +83,7 @@ def save_gan_grid(G, cfg, label_info, device, path):
     """A grid of G's images for seeds 0..grid_size-1 (the same latents at every step, so progress is visible)."""
     n = cfg.train.grid_size
     x = G(sample_z(n, G.z_dim, device), grid_condition(label_info, n, device))
-    save_png(make_grid(to_uint8(x)), path)
+    save_png(make_grid(to_pixels(x)), path)
 
 
 # --- the loop ----------------------------------------------------------------------------------------------------

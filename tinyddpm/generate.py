@@ -1,9 +1,13 @@
 """Generating images from a checkpoint: rebuild the model, resolve the condition, run a sampler in batches.
 
-Shared by sample.py, the quality report and fusion. Image i uses seed `seed + i`, so it is the same image whatever
---batch-size is.
+Shared by sample.py's modes (default, fusion, the quality report, the conditional evaluation). How images are drawn
+is one `SamplingOptions`, resolved from the flags and checked once. Image i uses seed `seed + i`, so it is the same
+image whatever --batch-size is, and `LoadedModel.batches` makes them one batch at a time: N images need the memory
+of one batch, not of N.
 """
 import sys
+import time
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -11,21 +15,57 @@ import torch
 from .checkpoint import load_checkpoint
 from .devices import autocast
 from .errors import UserError
-from .imageio import to_uint8
+from .imageio import to_pixels
 from .models import build_diffusion, build_gan, build_unet
-from .samplers import guided, sample as run_sampler
+from .samplers import SAMPLERS, guided, sample as run_sampler
+
+DEFAULT_SAMPLER = "ddim"  # sample.py's sampler when --sampler is not given
+DEFAULT_DDIM_STEPS = 100  # sampler steps when --steps is not given
+DEFAULT_N = 64  # images when --n is not given (the modes that make something else say so)
+DEFAULT_BATCH = 256  # images per forward pass
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 0 … 2**64 − 1; image i's seed is --seed + i
+MAX_BATCH = 65_536  # far beyond any memory; a typo gets one line instead of an out-of-memory traceback
 
 
-DEFAULT_DDIM_STEPS = 100  # DDIM steps when --steps is not given
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How a mode draws its images. `config.check_values` checks each field against its metadata; `check` adds
+    the rule that spans two fields. A DCGAN uses only n, seed and batch_size."""
+    n: int = field(default=DEFAULT_N, metadata=dict(min=1, help="number of images"))
+    seed: int = field(default=0, metadata=dict(min=0, max=MAX_SEED, help="image i uses seed + i"))
+    batch_size: int = field(default=DEFAULT_BATCH, metadata=dict(min=1, max=MAX_BATCH, help="images per pass"))
+    sampler: str = field(default=DEFAULT_SAMPLER, metadata=dict(choices=SAMPLERS, help="samplers.SAMPLERS"))
+    steps: int = field(default=DEFAULT_DDIM_STEPS, metadata=dict(min=1, help="sampler steps"))
+    # η > 1 would ask for more noise than the step has (σ² > 1 − ᾱ_prev): refused rather than silently clamped.
+    eta: float = field(default=0.0, metadata=dict(min=0.0, max=1.0, help="DDIM η: 0 deterministic, 1 DDPM-like"))
+    cfg_scale: float = field(default=1.0, metadata=dict(min=0.0, help="guidance w: 0 unconditional, 1 plain"))
+    clip_x0: bool = field(default=True, metadata=dict(flag="--no-clip", help="clip the predicted x0 to [-1, 1]"))
+
+    def check(self):
+        """Every value, once (finite, in range, a known sampler); returns self."""
+        from .config import check_values
+
+        check_values(self)
+        if self.seed + self.n - 1 > MAX_SEED:
+            raise UserError(f"--seed {self.seed} with --n {self.n} runs past the largest seed (2**64 − 1 = "
+                            f"{MAX_SEED}); use a smaller --seed or --n")
+        return self
+
+    def seeds(self):
+        """The per-image seeds, lazily: a range, so --n 10**9 costs nothing until each batch is made."""
+        return range(self.seed, self.seed + self.n)
+
+    @property
+    def sample_kw(self):
+        """The keyword arguments of `LoadedModel.sample` (a DCGAN ignores them)."""
+        d = asdict(self)
+        return {k: d[k] for k in ("sampler", "steps", "eta", "cfg_scale", "clip_x0")}
 
 
-class DefaultN(int):
-    """sample.py's --n default, marked so a mode can tell an explicit --n from none given (fusion makes one image
-    per λ and the quality report 1,000 images unless --n is given). It is an ordinary int everywhere else."""
+class LoadedModel:
+    """A checkpoint loaded and ready to sample (diffusion or DCGAN): `.images(seeds, cond)` → uint8 [B, H, W, 3].
 
-
-class Generator:
-    """A loaded checkpoint ready to sample: `.images(seeds, cond)` → uint8 [B, H, W, 3]."""
+    (Not a "Generator": that name belongs to DCGAN's network and to torch's random number generator.)"""
 
     def __init__(self, ckpt_path, device, use_ema=True):
         ckpt = load_checkpoint(ckpt_path)
@@ -50,8 +90,9 @@ class Generator:
         return self.cfg.data.image_size
 
     # --- conditions ---------------------------------------------------------------------------------------------
-    def parse_condition(self, classes=None, labels=None, n=1):
-        """The condition tensor for n images: class indices [n] (cycling through `classes`) or multi-hot [n, K]."""
+    def parse_condition(self, classes=None, labels=None):
+        """The condition as one period of rows that images cycle through (image i gets row i % P): class indices
+        [P] for the given classes (all of them when none is given), a multi-hot [1, K], or None."""
         kind, names = self.labels["kind"], self.labels["names"]
         if kind == "none":
             if classes or labels:
@@ -70,15 +111,14 @@ class Generator:
                 if key not in names:
                     raise UserError(f"class {c!r} was not trained; this model knows: {', '.join(names)}")
                 idx.append(names.index(key))
-            return torch.tensor([idx[i % len(idx)] for i in range(n)], dtype=torch.long)
+            return torch.tensor(idx, dtype=torch.long)
         # multi-label
         if classes:
             raise UserError("this model is conditioned on label sets; use --labels \"red cube, blue sphere\"")
         if not labels:
             raise UserError(f"this model needs --labels, e.g. --labels \"{names[0]}, {names[-1]}\"; known labels: "
                             f"{', '.join(names)}")
-        vec = parse_label_text(labels, names)
-        return torch.from_numpy(vec).float().unsqueeze(0).repeat(n, 1)
+        return torch.from_numpy(parse_label_text(labels, names)).float().unsqueeze(0)
 
     # --- sampling -------------------------------------------------------------------------------------------------
     def model_fn(self, cond, cfg_scale):
@@ -86,8 +126,8 @@ class Generator:
         return guided(self.model, cond, None, cfg_scale)
 
     @torch.no_grad()
-    def sample(self, seeds, cond=None, sampler="ddim", steps=100, eta=0.0, cfg_scale=1.0, clip_x0=True,
-               x_start=None, t_start=None, **solver_kw):
+    def sample(self, seeds, cond=None, sampler=DEFAULT_SAMPLER, steps=DEFAULT_DDIM_STEPS, eta=0.0, cfg_scale=1.0,
+               clip_x0=True, x_start=None, t_start=None, **solver_kw):
         """Float images [B, 3, S, S] in [−1, 1] for the given per-image seeds; solver_kw (spacing, churn) go to
         samplers.sample."""
         if self.kind == "dcgan":
@@ -101,15 +141,30 @@ class Generator:
             return run_sampler(sampler, self.diffusion, fn, shape, seeds, self.device, steps, eta, clip_x0,
                                x_start, t_start, **solver_kw)
 
-    def images(self, seeds, cond=None, batch_size=256, progress=None, **kw):
-        """uint8 [N, S, S, 3], generated in batches; progress(done, total) after each batch."""
-        out = []
+    def batches(self, seeds, cond=None, batch_size=DEFAULT_BATCH, progress=None, **sample_kw):
+        """Yield (the batch's seeds, uint8 [b, S, S, 3]) one batch at a time, made only when asked for, so a caller
+        that writes each batch holds one batch in memory. cond: rows cycled over the images (see cycle);
+        progress(done, total) after each batch."""
         for i in range(0, len(seeds), batch_size):
-            c = None if cond is None else cond[i: i + batch_size]
-            out.append(to_uint8(self.sample(seeds[i: i + batch_size], c, **kw)))
+            chunk = seeds[i: i + batch_size]
+            images = to_pixels(self.sample(chunk, cycle(cond, i, i + len(chunk)), **sample_kw))
             if progress:
-                progress(i + len(out[-1]), len(seeds))
+                progress(i + len(chunk), len(seeds))
+            yield chunk, images
+
+    def images(self, seeds, cond=None, batch_size=DEFAULT_BATCH, progress=None, **sample_kw):
+        """All images at once, uint8 [N, S, S, 3], for a caller that needs them together (the report's features,
+        the evaluator)."""
+        out = [images for _, images in self.batches(seeds, cond, batch_size, progress, **sample_kw)]
         return np.concatenate(out) if out else np.zeros((0, self.image_size, self.image_size, 3), np.uint8)
+
+
+def cycle(cond, start, stop):
+    """Rows start … stop−1 of the endless repetition of `cond` ([P] or [P, K]): image i gets row i % P. None stays
+    None. One period stands for any number of images, so a condition costs nothing per image."""
+    if cond is None:
+        return None
+    return cond[torch.arange(start, stop) % len(cond)]
 
 
 def parse_label_text(text, names):
@@ -119,3 +174,15 @@ def parse_label_text(text, names):
     if list(names) != list(VOCAB):
         raise UserError("this checkpoint's label vocabulary differs from the shapes dataset's; retrain it")
     return parse_labels(text)
+
+
+class Progress:
+    """The progress line every mode prints on stderr after each batch: `<what>done/total images | img/s | ETA`."""
+
+    def __init__(self, what=""):
+        self.what, self.t0 = what, time.perf_counter()
+
+    def __call__(self, done, total):
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        print(f"{self.what}{done}/{total} images | {done / dt:.2f} img/s | ETA {(total - done) * dt / done:.0f}s",
+              file=sys.stderr, flush=True)

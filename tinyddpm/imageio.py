@@ -12,6 +12,7 @@ from .files import atomic_save_image
 
 # Lower-case extensions we read; matching is case-insensitive ("CAT.JPG" counts).
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+GRID_IMAGES = 64  # images in a written sample grid (8 × 8): the first ones, however many were made
 
 
 def list_images(folder, extensions=IMAGE_EXTENSIONS):
@@ -70,9 +71,15 @@ def to_tensor(im):
 
 
 def to_uint8(x):
-    """Float images in [-1, 1], [B, C, H, W] → uint8 numpy [B, H, W, C] (rounded, clipped)."""
-    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to("cpu").byte()
-    return x.permute(0, 2, 3, 1).numpy()
+    """Float images in [-1, 1] → uint8 (rounded, clipped), same shape and device: the one quantisation to 8 bits."""
+    import torch
+
+    return x.detach().float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+
+
+def to_pixels(x):
+    """Float images [B, C, H, W] in [-1, 1] → uint8 numpy [B, H, W, C] on the CPU: what make_grid and save_png take."""
+    return to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def make_grid(images_uint8, ncol=None, pad=2, pad_value=255):

@@ -38,8 +38,7 @@ import numpy as np
 
 from .data import CIFAR10_CLASSES
 from .errors import UserError
-from .files import atomic_write_bytes
-from .generate import DEFAULT_DDIM_STEPS, DefaultN
+from .files import atomic_write_bytes, prepare_output_dir
 from .imageio import make_grid, save_png
 from .sources import CifarReference, is_cifar_reference, parse_cifar_reference
 
@@ -211,39 +210,30 @@ def memorisation(images, fake, row, ref, train, sources, grid_path):
                 grid=os.path.basename(grid_path), grid_pairs=GRID_PAIRS, **{k: v.summary() for k, v in found.items()})
 
 
-def _settings(args, gen):
+def _settings(opts, gen):
     if gen.kind != "ddpm":
         return dict(sampler=None, steps=None, eta=None, cfg_scale=None)
-    sampler = args.sampler or "ddim"
-    # spacing and churn (samplers.sample) when the command line has them; None leaves the sampler's default.
-    solver = {k: getattr(args, k, None) for k in ("spacing", "churn")}
-    return dict(sampler=sampler, steps=gen.diffusion.num_timesteps if sampler == "ddpm" else
-                (args.steps or DEFAULT_DDIM_STEPS), eta=args.eta or 0.0,
-                cfg_scale=None if gen.labels["kind"] == "none" else (1.0 if args.cfg_scale is None else args.cfg_scale),
-                **solver)
+    return dict(sampler=opts.sampler, steps=gen.diffusion.num_timesteps if opts.sampler == "ddpm" else opts.steps,
+                eta=opts.eta, cfg_scale=None if gen.labels["kind"] == "none" else opts.cfg_scale,
+                spacing=opts.spacing, churn=opts.churn)
 
 
-def generate(gen, row, n, args, settings, progress):
+def generate(gen, row, opts, progress):
     """uint8 [n, S, S, 3] for a row; image i uses seed --seed + i."""
     import torch
 
-    seeds = list(range(args.seed, args.seed + n))
-    cond = None if row.cond_index is None else torch.full((n,), row.cond_index, dtype=torch.long)
-    if gen.kind != "ddpm":
-        return gen.images(seeds, cond, args.batch_size, progress)
-    return gen.images(seeds, cond, args.batch_size, progress, sampler=settings["sampler"], steps=settings["steps"],
-                      eta=settings["eta"], cfg_scale=settings["cfg_scale"] or 1.0, clip_x0=not args.no_clip,
-                      **{k: settings[k] for k in ("spacing", "churn") if settings.get(k) is not None})
+    cond = None if row.cond_index is None else torch.full((opts.n,), row.cond_index, dtype=torch.long)
+    return gen.images(opts.seeds(), cond, opts.batch_size, progress, **opts.sample_kw)
 
 
-def run(args, gen):
+def run(args, gen, opts):
     """sample.py --report. Returns the exit code."""
     from .inception import load_inception
     from .sources import resolve_source
     from .statistics import Measurement, check_dimensions, default_cache_dir, features_from_uint8
 
     t_start = time.perf_counter()
-    n = REPORT_N if isinstance(args.n, DefaultN) else args.n
+    n = opts.n  # sampling options resolved and checked once by sample.py (REPORT_N unless --n is given)
     rows = plan(args, gen, n)
     data_dir = args.data_dir or gen.cfg.data.data_dir
     cache_dir = args.cache_dir or default_cache_dir()
@@ -260,16 +250,12 @@ def run(args, gen):
         if source.kind != "stats" and n > len(source):
             raise UserError(f"--n {n} is more than the {len(source)} images of the reference {row.ref}; use "
                             f"--n {len(source)} or less (the floor must compare as many real images)")
+    prepare_output_dir(args.out)  # sample.py removes it again if the report stops before writing into it
     model = load_inception(args.inception_weights, gen.device)
     check_dimensions([sources[row.ref] for row in rows], model, gen.device)
-    # Real images first (cached after the first report): an unreadable one stops the report before --out exists.
     real = {spec: measure_reference(source, model, cache_dir, args.batch_size, gen.device, bool(args.skip_bad))
             for spec, source in sources.items()}
-    try:
-        os.makedirs(args.out, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create output folder {args.out}: {e.strerror}; choose a writable --out") from None
-    settings = _settings(args, gen)
+    settings = _settings(opts, gen)
     say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     results = []
     for row in rows:
@@ -282,7 +268,7 @@ def run(args, gen):
             say(f"{row.label}: generated {done}/{total} | {done / dt:.2f} img/s | ETA {(total - done) * dt / done:.0f}s")
 
         t_gen = time.perf_counter()
-        images = generate(gen, row, n, args, settings, progress)
+        images = generate(gen, row, opts, progress)
         gen_seconds = time.perf_counter() - t_gen
         fake = Measurement.from_features(features_from_uint8(images, model, args.batch_size, gen.device,
                                                              progress=True))
@@ -295,13 +281,13 @@ def run(args, gen):
             condition=row.label if row.cond_index is not None else None, reference=row.ref,
             reference_images=ref.n, floor_reference=None if row.floor is None else row.floor.spec,
             fid=fid_, floor=floor_fid, ratio=None if floor_fid is None else fid_ / floor_fid,
-            kid=kid(fake, ref, args.seed), floor_kid=None if floor is None else kid(floor, ref, args.seed),
+            kid=kid(fake, ref, opts.seed), floor_kid=None if floor is None else kid(floor, ref, opts.seed),
             precision=precision, recall=recall, floor_precision=floor_pr[0], floor_recall=floor_pr[1],
             memorisation=memorisation(images, fake, row, ref, train, sources,
                                       os.path.join(args.out, f"report_nearest{suffix}.png")),
             generate_seconds=gen_seconds,
             seconds=time.perf_counter() - t_row))
-    summary = dict(ckpt=os.fspath(args.ckpt), model=gen.kind, step=gen.step, n=n, seed=args.seed, **settings,
+    summary = dict(ckpt=os.fspath(args.ckpt), model=gen.kind, step=gen.step, n=n, seed=opts.seed, **settings,
                    ema=not args.raw, device=str(gen.device), inception=model.weights_id, results=results,
                    wall_seconds=time.perf_counter() - t_start)
     # A path that is not UTF-8 (undecodable bytes arrive as surrogates) is shown with \x escapes, not a crash.
@@ -340,7 +326,7 @@ def markdown(summary):
     how = summary["model"] if summary["sampler"] is None else (
         f"{summary['sampler']} {summary['steps']}"
         + (f", η = {summary['eta']:g}" if summary["sampler"] == "ddim" and summary["eta"] else "")
-        + (f", {summary['spacing']} spacing" if summary.get("spacing") else "")
+        + (f", {summary['spacing']} spacing" if summary.get("spacing") not in (None, "uniform") else "")
         + (f", churn {summary['churn']:g}" if summary.get("churn") else "")
         + ("" if summary["cfg_scale"] is None else f", w = {summary['cfg_scale']:g}"))
     lines = ["| checkpoint | step | sampling | condition | N | reference | FID | floor | FID / floor "

@@ -13,7 +13,7 @@ from . import data as data_mod
 from . import distributed as dist
 from .devices import autocast
 from .ema import EMA
-from .imageio import make_grid, save_png, to_uint8
+from .imageio import make_grid, save_png, to_pixels
 from .models import build_diffusion, build_unet, grid_condition
 from .runs import Run, StopSignals, say, throughput
 from .samplers import guided, sample
@@ -33,7 +33,7 @@ def save_grid(ema_model, diffusion, cfg, label_info, device, path):
     shape = (3, cfg.data.image_size, cfg.data.image_size)
     x = sample(t.grid_sampler, diffusion, guided(ema_model, cond), shape, list(range(t.grid_size)), device,
                steps=t.grid_steps, eta=t.grid_eta)
-    save_png(make_grid(to_uint8(x)), path)
+    save_png(make_grid(to_pixels(x)), path)
 
 
 def batch_randomness(diffusion, cfg, gen, global_b, device):
