@@ -30,7 +30,7 @@ def build_parser():
     p.add_argument("--steps", type=int, default=None, help=f"sampler steps (default {DEFAULT_DDIM_STEPS})")
     p.add_argument("--eta", type=float, default=None, help="DDIM η in [0, 1]: 0 deterministic (default), 1 DDPM-like")
     p.add_argument("--no-clip", action="store_true", help="do not clip the predicted x0 to [-1, 1]")
-    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i (0 … 2**64 − 1)")
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i (0 … 2**63 − 1)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="images per forward pass")
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
@@ -63,8 +63,9 @@ def pick_mode(args):
 
 def check_args(args, gen):
     """The flags that do not fit this checkpoint or mode. Returns the mode."""
+    sampling = [f"--{k.replace('_', '-')}" for k in DIFFUSION_ONLY if getattr(args, k) is not None]
     if gen.kind == "dcgan":
-        given = [f"--{k.replace('_', '-')}" for k in DIFFUSION_ONLY if getattr(args, k) is not None]
+        given = list(sampling)
         if args.bpd:
             given.append("--bpd")
         if args.no_clip:
@@ -74,6 +75,8 @@ def check_args(args, gen):
     if args.cfg_scale is not None and gen.labels["kind"] == "none":
         raise UserError("--cfg-scale needs a conditional model; this one is unconditional")
     mode = pick_mode(args)
+    if mode == "--bpd" and sampling:
+        raise UserError(f"{' '.join(sampling)} do not apply to --bpd (it scores test images; nothing is sampled)")
     if args.n is not None and mode in ("--interpolate", "--eval-labels"):
         instead = "--frames" if mode == "--interpolate" else "--n-per-set and --n-sets"
         raise UserError(f"--n does not apply to {mode}; use {instead}")

@@ -14,7 +14,7 @@ def resolve_device(name="auto"):
     there (meta has no data at all), so those are a user error here rather than a traceback later."""
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cpu":
+    if name in ("cpu", "cpu:0"):
         return torch.device("cpu")
     cuda = re.fullmatch(r"cuda(?::(\d+))?", str(name))
     if cuda is None:

@@ -23,7 +23,7 @@ DEFAULT_SAMPLER = "ddim"  # sample.py's sampler when --sampler is not given
 DEFAULT_DDIM_STEPS = 100  # sampler steps when --steps is not given
 DEFAULT_N = 64  # images when --n is not given (the modes that make something else say so)
 DEFAULT_BATCH = 256  # images per forward pass
-MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 0 … 2**64 − 1; image i's seed is --seed + i
+MAX_SEED = 2**63 - 1  # image i's seed, --seed + i, is an int64 (config.check_values' rule for every int)
 MAX_BATCH = 65_536  # far beyond any memory; a typo gets one line instead of an out-of-memory traceback
 
 
@@ -47,7 +47,7 @@ class SamplingOptions:
 
         check_values(self)
         if self.seed + self.n - 1 > MAX_SEED:
-            raise UserError(f"--seed {self.seed} with --n {self.n} runs past the largest seed (2**64 − 1 = "
+            raise UserError(f"--seed {self.seed} with --n {self.n} runs past the largest seed (2**63 − 1 = "
                             f"{MAX_SEED}); use a smaller --seed or --n")
         return self
 
