@@ -17,7 +17,7 @@ from tinyddpm.errors import UserError, run_cli
 from tinyddpm.generate import DEFAULT_BATCH, DEFAULT_DDIM_STEPS, DEFAULT_N, DEFAULT_SAMPLER, SamplingOptions
 from tinyddpm.imageio import GRID_IMAGES
 from tinyddpm.report import REPORT_N
-from tinyddpm.samplers import SAMPLERS
+from tinyddpm.samplers import SAMPLERS, SPACINGS
 
 
 def build_parser():
@@ -30,6 +30,9 @@ def build_parser():
     p.add_argument("--steps", type=int, default=None, help=f"sampler steps (default {DEFAULT_DDIM_STEPS})")
     p.add_argument("--eta", type=float, default=None, help="DDIM η in [0, 1]: 0 deterministic (default), 1 DDPM-like")
     p.add_argument("--no-clip", action="store_true", help="do not clip the predicted x0 to [-1, 1]")
+    p.add_argument("--spacing", choices=SPACINGS, default=None,
+                   help="the solvers' noise levels: uniform in t (default) or karras (docs/samplers.md)")
+    p.add_argument("--churn", type=float, default=None, help="heun only: EDM's S_churn (default 0, the plain ODE)")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i (0 … 2**63 − 1)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="images per forward pass")
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
@@ -46,7 +49,7 @@ def build_parser():
     return p
 
 
-DIFFUSION_ONLY = ("sampler", "steps", "eta", "cfg_scale")
+DIFFUSION_ONLY = ("sampler", "steps", "eta", "cfg_scale", "spacing", "churn")
 
 
 def pick_mode(args):
@@ -83,7 +86,7 @@ def check_args(args, gen):
     return mode
 
 
-def sampling_options(args, mode):
+def sampling_options(args, gen, mode):
     """The flags resolved once, with each mode's defaults, into one checked SamplingOptions."""
     from tinyddpm import cond_eval
 
@@ -96,7 +99,8 @@ def sampling_options(args, mode):
         n=default_n if args.n is None else args.n, seed=args.seed, batch_size=args.batch_size,
         sampler=args.sampler or DEFAULT_SAMPLER, steps=default_steps if args.steps is None else args.steps,
         eta=0.0 if args.eta is None else args.eta, cfg_scale=1.0 if args.cfg_scale is None else args.cfg_scale,
-        clip_x0=not args.no_clip).check()
+        clip_x0=not args.no_clip, spacing=args.spacing or "uniform", churn=0.0 if args.churn is None else args.churn,
+    ).check(None if gen.diffusion is None else gen.diffusion.num_timesteps)
 
 
 def main(argv=None):
@@ -110,7 +114,7 @@ def main(argv=None):
     check_output_dir(args.out)  # a file in the way is refused before the checkpoint is read
     gen = LoadedModel(args.ckpt, device, use_ema=not args.raw)
     mode = check_args(args, gen)
-    opts = sampling_options(args, mode)
+    opts = sampling_options(args, gen, mode)
     run = {None: sample_images, "--bpd": report_bpd, "--eval-labels": cond_eval.run, "--report": report.run,
            "--fuse": fusion.run, "--interpolate": fusion.run}[mode]
     with removed_if_unused(args.out):  # each mode makes --out (files.prepare_output_dir) before its slow work

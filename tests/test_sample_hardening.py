@@ -104,6 +104,10 @@ VALUE_CASES = [
     (["--n", "-5"], ["--n", "at least 1"], NO_N),
     (["--batch-size", str(10**9)], ["--batch-size", "between 1"], set()),
     (["--batch-size", "0"], ["--batch-size", "between 1"], set()),
+    (["--churn", "nan"], ["--churn", "finite"], NOT_SAMPLED),
+    (["--sampler", "heun", "--churn", "inf"], ["--churn", "finite"], NOT_SAMPLED | {"interpolate"}),
+    (["--sampler", "dpmpp-2m", "--eta", "0.5"], ["η applies only to the ddim sampler"], NOT_SAMPLED | {"interpolate"}),
+    (["--churn", "1"], ["churn applies only to the heun sampler"], NOT_SAMPLED | {"interpolate"}),
 ]
 VALUE_MATRIX = [(mode, flags, words) for flags, words, skip in VALUE_CASES for mode in MODES if mode not in skip]
 
@@ -135,6 +139,7 @@ def test_bpd_refuses_sampling_flags_it_would_ignore(w, tmp_path, capsys, flags, 
     ("eval-labels", ["--cfg-sweep", "nan"], ["finite"]),
     ("interpolate", ["--frames", "1001"], ["--frames", "between 2"]),
     ("interpolate", ["--eta", "0.5"], ["deterministic"]),
+    ("interpolate", ["--spacing", "karras"], ["deterministic", "--spacing"]),
     ("fuse", ["--t", str(10**30)], ["--t", "1 … 100"]),
     ("fuse", ["--lam", "inf"], ["--lam", "[0, 1]"]),
 ])
@@ -271,7 +276,7 @@ def test_signal_during_a_png_write_leaves_no_temp_file(w, tmp_path, mode, sig, c
     finally:
         proc.kill()
     assert proc.returncode == code and "Traceback" not in err and err.strip().splitlines()[-1] == word, err
-    assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
+    assert not out.exists()  # the first write was interrupted: no temp file, and the empty folder is gone too
 
 
 # ------------------------------------------------------------------------------------------------ streaming

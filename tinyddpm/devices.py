@@ -14,9 +14,10 @@ def resolve_device(name="auto"):
     there (meta has no data at all), so those are a user error here rather than a traceback later."""
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = str(name)  # a torch.device too
     if name in ("cpu", "cpu:0"):
         return torch.device("cpu")
-    cuda = re.fullmatch(r"cuda(?::(\d+))?", str(name))
+    cuda = re.fullmatch(r"cuda(?::(\d+))?", name)
     if cuda is None:
         what = (f"device {name!r} is not supported (tinyddpm runs on CPUs and CUDA GPUs)" if _torch_knows(name)
                 else f"unknown device {name!r}")

@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import shapes
+from .devices import resolve_device
 from .errors import UserError, run_cli
 from .files import atomic_torch_save
 
@@ -158,16 +159,6 @@ def load_evaluator(path, map_location="cpu") -> Evaluator:
 
 
 # ------------------------------------------------------------------------------------------------ training
-def _check_device(name):
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r}; use cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name} asked for but CUDA is not available here; use --device cpu")
-    return device
-
-
 def _check_out_path(path, force):
     """Fail before minutes of training, not after: out must be a new (or, with force, replaceable) file."""
     if os.path.isdir(path):
@@ -185,7 +176,7 @@ def train_evaluator(out_path, size=64, n_train=20000, steps=1500, seed=0, log=pr
     for name, value in (("steps", steps), ("n_train", n_train), ("batch_size", batch_size), ("n_heldout", n_heldout)):
         if value < 1:
             raise UserError(f"{name} must be at least 1, got {value}")
-    device = _check_device(device)
+    device = resolve_device(device)
     start, cpu_start = time.time(), time.process_time()  # CPU time too: wall time depends on what else runs
     images, labels = shapes.make_dataset("train", n_train, size, seed)
     held_images, held_labels = shapes.make_dataset("test", n_heldout, size, HELDOUT_SEED)

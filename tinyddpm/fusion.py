@@ -251,8 +251,9 @@ def check_args(args, gen, opts):
             raise UserError(f"--frames must be between 2 (the two inputs' ends) and {MAX_FRAMES} (got {args.frames})")
         if args.inversion_steps is not None and args.inversion_steps < 1:
             raise UserError(f"--inversion-steps must be at least 1 (got {args.inversion_steps})")
-        if args.sampler not in (None, "ddim") or opts.eta > 0:
-            raise UserError("--interpolate decodes with deterministic DDIM (η = 0); drop --sampler / --eta")
+        if args.sampler not in (None, "ddim") or opts.eta > 0 or opts.spacing != "uniform":
+            raise UserError("--interpolate inverts and decodes with deterministic DDIM (η = 0, uniform steps); "
+                            "drop --sampler / --eta / --spacing")
         if args.classes and len(args.classes) > 1:
             raise UserError("--interpolate takes one --class (both inputs are encoded with it)")
 

@@ -17,7 +17,7 @@ from .devices import autocast
 from .errors import UserError
 from .imageio import to_pixels
 from .models import build_diffusion, build_gan, build_unet
-from .samplers import SAMPLERS, guided, sample as run_sampler
+from .samplers import SAMPLERS, SPACINGS, check_options, guided, sample as run_sampler
 
 DEFAULT_SAMPLER = "ddim"  # sample.py's sampler when --sampler is not given
 DEFAULT_DDIM_STEPS = 100  # sampler steps when --steps is not given
@@ -29,26 +29,34 @@ MAX_BATCH = 65_536  # far beyond any memory; a typo gets one line instead of an 
 
 @dataclass(frozen=True)
 class SamplingOptions:
-    """How a mode draws its images. `config.check_values` checks each field against its metadata; `check` adds
-    the rule that spans two fields. A DCGAN uses only n, seed and batch_size."""
+    """How a mode draws its images: resolved once from sample.py's flags, checked once (`check`: each field against
+    its metadata with config.check_values, then what spans fields and the sampler's own rules), passed to every
+    mode. A DCGAN uses only n, seed and batch_size."""
     n: int = field(default=DEFAULT_N, metadata=dict(min=1, help="number of images"))
     seed: int = field(default=0, metadata=dict(min=0, max=MAX_SEED, help="image i uses seed + i"))
     batch_size: int = field(default=DEFAULT_BATCH, metadata=dict(min=1, max=MAX_BATCH, help="images per pass"))
     sampler: str = field(default=DEFAULT_SAMPLER, metadata=dict(choices=SAMPLERS, help="samplers.SAMPLERS"))
-    steps: int = field(default=DEFAULT_DDIM_STEPS, metadata=dict(min=1, help="sampler steps"))
+    steps: int = field(default=DEFAULT_DDIM_STEPS, metadata=dict(min=1, help="model calls (samplers.model_calls)"))
     # η > 1 would ask for more noise than the step has (σ² > 1 − ᾱ_prev): refused rather than silently clamped.
     eta: float = field(default=0.0, metadata=dict(min=0.0, max=1.0, help="DDIM η: 0 deterministic, 1 DDPM-like"))
     cfg_scale: float = field(default=1.0, metadata=dict(min=0.0, help="guidance w: 0 unconditional, 1 plain"))
     clip_x0: bool = field(default=True, metadata=dict(flag="--no-clip", help="clip the predicted x0 to [-1, 1]"))
+    spacing: str = field(default="uniform", metadata=dict(choices=SPACINGS, help="the solvers' noise levels"))
+    churn: float = field(default=0.0, metadata=dict(min=0.0, help="heun's S_churn"))
 
-    def check(self):
-        """Every value, once (finite, in range, a known sampler); returns self."""
+    def check(self, num_timesteps=None):
+        """Every value, once; `num_timesteps` (a diffusion model's T) adds the sampler's own rules. Returns self."""
         from .config import check_values
 
         check_values(self)
         if self.seed + self.n - 1 > MAX_SEED:
             raise UserError(f"--seed {self.seed} with --n {self.n} runs past the largest seed (2**63 − 1 = "
                             f"{MAX_SEED}); use a smaller --seed or --n")
+        if num_timesteps is not None:
+            try:
+                check_options(self.sampler, num_timesteps, self.steps, self.eta, None, self.spacing, self.churn)
+            except ValueError as e:
+                raise UserError(f"--sampler {self.sampler}: {e}") from None
         return self
 
     def seeds(self):
@@ -59,7 +67,7 @@ class SamplingOptions:
     def sample_kw(self):
         """The keyword arguments of `LoadedModel.sample` (a DCGAN ignores them)."""
         d = asdict(self)
-        return {k: d[k] for k in ("sampler", "steps", "eta", "cfg_scale", "clip_x0")}
+        return {k: d[k] for k in ("sampler", "steps", "eta", "cfg_scale", "clip_x0", "spacing", "churn")}
 
 
 class LoadedModel:
