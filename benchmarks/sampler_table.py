@@ -65,17 +65,17 @@ def plan(args):
 
 
 def run_row(gen, base_argv, label, sampler, steps, opts, out):
-    """One `sample.py --report` on the loaded Generator; returns its report.json with the row's settings added."""
+    """One `sample.py --report` on the loaded model; returns its report.json with the row's settings added."""
     import sample
     from tinyddpm import report, samplers
 
     args = sample.build_parser().parse_args([*base_argv, "--out", out])
     args.sampler, args.steps = sampler, steps
     args.eta = opts.get("eta", 0.0)
-    for k in ("spacing", "churn"):  # read by report._settings whether or not sample.py has the flag yet
+    for k in ("spacing", "churn"):  # sample.py's --spacing / --churn (None: the default)
         setattr(args, k, opts.get(k))
-    sample.check_args(args, gen)
-    report.run(args, gen)
+    mode = sample.check_args(args, gen)
+    report.run(args, gen, sample.sampling_options(args, gen, mode))
     with open(os.path.join(out, "report.json")) as f:
         summary = json.load(f)
     calls = samplers.model_calls(sampler, gen.diffusion, steps or 1, spacing=opts.get("spacing", "uniform"))
@@ -145,7 +145,7 @@ def main(argv=None):
     from tinyddpm import inception
     from tinyddpm.devices import resolve_device
     from tinyddpm.files import atomic_write_bytes
-    from tinyddpm.generate import Generator
+    from tinyddpm.generate import LoadedModel
 
     os.makedirs(args.out, exist_ok=True)
     extra, real_inception = args.report_args.split(), inception.load_inception
@@ -156,7 +156,7 @@ def main(argv=None):
     if not args.ckpt:
         raise UserError("--ckpt is required (or --smoke for the toy-size run)")
     try:
-        gen = Generator(args.ckpt, resolve_device(args.device))
+        gen = LoadedModel(args.ckpt, resolve_device(args.device))
         base = ["--ckpt", args.ckpt, "--report", "--n", str(args.n), "--batch-size", str(args.batch_size),
                 "--device", args.device, *extra]
         results = []

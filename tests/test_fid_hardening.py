@@ -335,9 +335,9 @@ def test_report_advises_its_own_skip_bad(folder_model, fake, tmp_path, capsys):
 
 def test_report_refuses_statistics_of_another_width_before_generating(folder_model, fake, tmp_path, capsys,
                                                                       monkeypatch):
-    from tinyddpm.generate import Generator
+    from tinyddpm.generate import LoadedModel
 
-    monkeypatch.setattr(Generator, "images", lambda *a, **k: pytest.fail("generated before the check"))
+    monkeypatch.setattr(LoadedModel, "images", lambda *a, **k: pytest.fail("generated before the check"))
     np.savez(tmp_path / "ref.npz", mu=np.zeros(2048), sigma=np.eye(2048))
     code, out, err = run_script(sample, _report(folder_model, tmp_path, tmp_path / "ref.npz"), capsys)
     assert_user_error(code, err, "2048 features", "12")

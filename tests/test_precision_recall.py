@@ -98,10 +98,10 @@ def test_report_flags_a_model_that_returns_training_images(cat_ckpt, fake, cifar
         return images[:keep], labels[:keep]
 
     monkeypatch.setattr(data_mod, "load_cifar10", small)
-    from tinyddpm.generate import Generator
+    from tinyddpm.generate import LoadedModel
 
     train_cats = small(cifar_root, "train", [3])[0]
-    monkeypatch.setattr(Generator, "images", lambda self, seeds, *a, **k: train_cats[10:10 + len(seeds)].copy())
+    monkeypatch.setattr(LoadedModel, "images", lambda self, seeds, *a, **k: train_cats[10:10 + len(seeds)].copy())
     code, out, err = run_script(sample, _report(cat_ckpt, tmp_path, "--data-dir", cifar_root, "--n", str(n)),
                                 capsys)
     assert code == 0, err
