@@ -83,3 +83,23 @@ def test_channels_last_resize_is_the_same_resize():
     model = inc.FIDInceptionV3()
     assert torch.equal(model.preprocess(x), model.preprocess(x.contiguous(memory_format=torch.channels_last)))
     assert torch.equal(model.preprocess(x), 2 * F.interpolate(x, size=(299, 299), mode="bilinear") - 1)
+
+
+def test_bench_fid_runs_at_toy_size(cifar_root, tmp_path, capsys, one_thread):
+    """benchmarks/bench_fid.py end to end (pytorch-fid left out: it needs its own environment)."""
+    import importlib.util
+    import json
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench_fid.py")
+    spec = importlib.util.spec_from_file_location("bench_fid", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "figures.json"
+    bench.main(["--cifar", cifar_root, "--images", "4", "--batch-size", "2", "--repeats", "1", "--fd-dim", "48",
+                "--fd-repeats", "1", "--weights", ts_path(), "--json", str(out)])
+    figures = json.loads(out.read_text())
+    fids = figures["extractor"]["fid"]
+    assert fids["TorchScript"] == pytest.approx(fids["ours"], rel=FID_RTOL)
+    assert figures["fd"]["fd"] == pytest.approx(figures["fd"]["sqrtm_fd"], rel=1e-10)
+    assert "ours is" in capsys.readouterr().out
