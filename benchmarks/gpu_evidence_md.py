@@ -1,0 +1,129 @@
+"""The Markdown page of benchmarks/gpu_evidence.py's result, and the issue's three goals read off it."""
+
+GOALS = (  # (name, target, comparison) — issue 19
+    ("training: tinyddpm (best mode) / diffusers bf16 + compile, img/s", 1.5, ">="),
+    ("sampling: tinyddpm (best variant) / diffusers (best variant), image-steps/s", 1.5, ">="),
+    ("quality: cats FID-1k / floor after the short run", 1.15, "<="),
+)
+
+
+def _num(v, spec=".1f", suffix=""):
+    return "—" if not isinstance(v, (int, float)) or isinstance(v, bool) else format(v, spec) + suffix
+
+
+def _why(row):
+    """'skipped: …' / 'failed: …' for a row that has no figures, else None."""
+    if "skipped" in row:
+        return f"skipped: {row['skipped']}"
+    if "error" in row:
+        return f"failed: {row['error']}"
+    return None
+
+
+def _best(rows, system, key, only=None):
+    vals = [r[key] for name, r in rows.items() if name.startswith(system + "/") and key in r
+            and (only is None or name == f"{system}/{only}")]
+    return max(vals) if vals else None
+
+
+def goals(result):
+    """[(name, target, comparison, measured or None)] for the three goals."""
+    secs = result.get("sections", {})
+    train = secs.get("train", {}).get("rows", {})
+    sample = secs.get("sample", {}).get("rows", {})
+    ours_t, ref_t = _best(train, "tinyddpm", "img_s"), _best(train, "diffusers", "img_s", "bf16-compile")
+    ours_s, ref_s = _best(sample, "tinyddpm", "img_steps_s"), _best(sample, "diffusers", "img_steps_s")
+    reports = secs.get("quality", {}).get("reports", [])
+    results = (reports[0].get("summary", {}).get("results") or [{}]) if reports else [{}]
+    measured = (ours_t / ref_t if ours_t and ref_t else None, ours_s / ref_s if ours_s and ref_s else None,
+                results[0].get("ratio"))
+    return [(name, target, cmp, m) for (name, target, cmp), m in zip(GOALS, measured)]
+
+
+def _train_table(sec):
+    lines = [f"## Training throughput ({sec.get('config')}, batch {sec.get('batch')}, 32 px, synthetic batches, "
+             f"{sec.get('memory_format')})", "",
+             "| system | mode | img/s | peak GiB | TFLOP/s | MFU | vs diffusers | first calls (s) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for name, r in sec.get("rows", {}).items():
+        system, mode = name.split("/", 1)
+        why = _why(r)
+        lines.append(f"| {system} | {mode} | " + (f"{why} | | | | | |" if why else
+                     f"{_num(r.get('img_s'))} | {_num(r.get('peak_mem_gib'), '.2f')} | {_num(r.get('tflops'), '.1f')} "
+                     f"| {_num(r.get('mfu'), '.1%')} | {_num(r.get('vs_diffusers'), '.2f', '×')} "
+                     f"| {_num(r.get('first_calls_s'))} |"))
+    for name, r in sec.get("systems", {}).items():
+        if "params" in r:
+            lines.append(f"\n{name}: {r['params']:,} parameters, {r['flops_per_step'] / 1e12:.2f} TFLOP per training "
+                         "step (forward + backward)")
+    lines += ["", "Real training loop (train.py in-process on the bundled cats; img/s of its progress lines after "
+              "the first):", ""]
+    for name, r in sec.get("loop", {}).items():
+        lines.append(f"- {name}: " + (_why(r) or f"{_num(r.get('img_s'))} img/s (lines {', '.join(f'{x:.0f}' for x in r.get('img_s_lines', []))}), "
+                                      f"{_num(r.get('wall_s'))} s wall, flags {r.get('flags')}"))
+    return lines
+
+
+def _sample_table(sec):
+    lines = [f"## Sampling throughput ({sec.get('config')}, batch {sec.get('batch')}, {sec.get('precision')})", "",
+             "| system | variant | image-steps/s | vs diffusers | peak GiB | first calls (s) |",
+             "|---|---|---:|---:|---:|---:|"]
+    for name, r in sec.get("rows", {}).items():
+        system, variant = name.split("/", 1)
+        why = _why(r)
+        lines.append(f"| {system} | {variant} | " + (f"{why} | | | |" if why else
+                     f"{_num(r.get('img_steps_s'), '.0f')} | {_num(r.get('vs_diffusers'), '.2f', '×')} "
+                     f"| {_num(r.get('peak_mem_gib'), '.2f')} | {_num(r.get('first_calls_s'))} |"))
+    s = sec.get("sampler", {})
+    lines += ["", "Default sampler (DDIM, η = 0, as sample.py): " + (_why(s) or (
+        f"{s.get('images')} images × {s.get('steps')} steps in {_num(s.get('wall_s'), '.2f')} s "
+        f"({_num(s.get('img_steps_s'), '.0f')} image-steps/s)")) if s else ""]
+    return lines
+
+
+def _fid_table(sec):
+    lines = [f"## FID throughput ({sec.get('images')}, batch {sec.get('batch')}, median of {sec.get('repeats')})", "",
+             "| extractor | img/s | FID | agreement with ours |", "|---|---:|---:|---|"]
+    for name, r in sec.get("rows", {}).items():
+        why = _why(r)
+        agree = "" if "max_feature_diff" not in r else (
+            f"max feature diff {r['max_feature_diff']:.1e} (max |feature| {r['max_feature']:.1f}), FID relative diff "
+            f"{r['fid_relative_diff']:.1e}; ours {r['tinyddpm_speedup']:.2f}× faster")
+        lines.append(f"| {name} | " + (f"{why} | | |" if why else
+                                       f"{_num(r.get('img_s'), '.0f')} | {_num(r.get('fid'), '.4f')} | {agree} |"))
+    if sec.get("reference_note"):
+        lines += ["", sec["reference_note"]]
+    return lines
+
+
+def _quality(sec):
+    lines = [f"## Quality: `{sec.get('preset')}` preset on the cats, {_num(sec.get('train_budget_s'), '.0f')} s of "
+             "training", "",
+             f"{sec.get('steps')} steps at {_num(sec.get('img_s'), '.0f')} img/s (train.py flags: "
+             f"`{sec.get('train_flags')}`), last loss {_num(sec.get('last_loss'), '.4f')}", ""]
+    for rep in sec.get("reports", []):
+        lines += [f"sample.py --report {rep.get('flags')}: " + (_why(rep) or ""), "", rep.get("markdown", "")]
+    return lines
+
+
+def markdown(result):
+    dev = result.get("device", {})
+    smoke = " **Smoke run: CPU, toy sizes and toy data; the figures mean nothing.**" if result.get("smoke") else ""
+    lines = [f"# GPU evidence: {dev.get('name', '?')}", "",
+             f"{result.get('started')}; torch {dev.get('torch')}, CUDA {dev.get('cuda')}, diffusers "
+             f"{dev.get('diffusers', 'not installed')}; {dev.get('nvidia_smi', '')}; MFU against "
+             f"{result.get('peak_tflops')} TFLOP/s (bf16 dense, also for fp32 rows).{smoke}", "",
+             "| section | status | seconds | cap (s) |", "|---|---|---:|---:|"]
+    secs = result.get("sections", {})
+    for name, sec in secs.items():
+        lines.append(f"| {name} | {sec.get('status')}{': ' + sec['error'] if 'error' in sec else ''} "
+                     f"| {_num(sec.get('seconds'), '.0f')} | {_num(sec.get('cap_s'), '.0f')} |")
+    lines += ["", "## Goals", "", "| goal | target | measured | met |", "|---|---:|---:|---|"]
+    for name, target, cmp, m in goals(result):
+        met = "—" if m is None else ("yes" if (m >= target if cmp == ">=" else m <= target) else "no")
+        lines.append(f"| {name} | {cmp} {target:g} | {_num(m, '.2f', '×')} | {met} |")
+    for name, render in (("train", _train_table), ("sample", _sample_table), ("fid", _fid_table),
+                         ("quality", _quality)):
+        if name in secs:
+            lines += [""] + render(secs[name])
+    return "\n".join(lines) + "\n"
