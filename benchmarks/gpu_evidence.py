@@ -85,7 +85,7 @@ FULL = Sizes(unet="ddpm-cifar", batch=128, iters=20, warmup=5, sample_batch=1000
              fid_images=1000, fid_batch=250, fid_repeats=3,
              quality_preset="small", quality_steps=None, quality_flags=("--log-every", "250"), report_flags=(),
              report_variants=((), ("--eta", "1")),
-             caps=dict(train=135, sample=75, fid=30), report_reserve_s=45, budget_s=480)
+             caps=dict(train=135, sample=75, fid=30), report_reserve_s=60, budget_s=480)
 SMOKE = Sizes(unet="tiny", batch=4, iters=2, warmup=1, sample_batch=8, sampler_steps=3,
               loop_flags=("--steps", "4", "--log-every", "2", "--batch-size", "4", "--grid-size", "4",
                           "--grid-steps", "2"),

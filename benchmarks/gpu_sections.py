@@ -31,6 +31,7 @@ GRAPH_WARMUP = 3  # eager calls on a side stream before a CUDA graph capture (cu
 LOOP_COMPILE_MIN_S = 100  # the real loop with --compile runs only if this much of the train section is left
 SIGTERM_POLL_S = 0.1  # how often the quality run's clock looks whether train.py's signal handler is in place
 REPORT_RETRY_MIN_S = 25  # a further report (DDIM η = 1) runs only if this much of the quality section is left
+REPORT_PNGS = 2  # images copied to --out per report (the device tool returns at most 8 files in all)
 
 
 class SectionTimeout(BaseException):
@@ -355,8 +356,8 @@ def report(ev, run, flags, index):
         summary = json.load(f)
     with open(os.path.join(out, "report.md")) as f:
         table = f.read()
-    if os.path.isfile(os.path.join(out, "report_grid.png")):
-        shutil.copyfile(os.path.join(out, "report_grid.png"), os.path.join(ev.args.out, f"quality_grid_{index}.png"))
+    for png in sorted(f for f in os.listdir(out) if f.endswith(".png"))[:REPORT_PNGS]:  # sample grid, closest pairs
+        shutil.copyfile(os.path.join(out, png), os.path.join(ev.args.out, f"quality_{index}_{png}"))
     return dict(flags=" ".join(flags) or "(none: sample.py's defaults)", exit_code=code, summary=summary,
                 markdown=table)
 

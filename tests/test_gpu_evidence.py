@@ -83,12 +83,13 @@ def test_smoke_run_reports_every_section(tmp_path):
     assert len(quality["reports"]) == len(ev_mod.SMOKE.report_variants)
     summary = quality["reports"][0]["summary"]
     assert summary["step"] == quality["steps"] and summary["results"][0]["fid"] is not None
-    assert (out / "quality_grid_0.png").is_file()
+    assert (out / "quality_0_report_grid.png").is_file()
 
     for heading in ("## Goals", "## Training throughput", "## Sampling throughput", "## FID throughput",
                     "## Quality", "Smoke run"):
         assert heading in md
-    assert sorted(os.listdir(out)) == ["gpu_evidence.json", "gpu_evidence.md", "quality_grid_0.png"]
+    files = sorted(os.listdir(out))
+    assert files[:2] == ["gpu_evidence.json", "gpu_evidence.md"] and len(files) <= 2 + 2 * len(quality["reports"])
 
 
 def test_a_failing_or_slow_section_is_recorded_and_the_run_goes_on(tmp_path):
@@ -216,11 +217,12 @@ def test_goals_are_read_off_the_result():
                          "diffusers/bf16-compile": dict(img_s=200.0), "diffusers/fp32": dict(img_s=900.0)}),
         sample=dict(rows={"tinyddpm/eager": dict(img_steps_s=10.0), "diffusers/compiled": dict(img_steps_s=8.0),
                           "diffusers/cuda-graph": dict(skipped="x")}),
-        quality=dict(reports=[dict(summary=dict(results=[dict(ratio=1.1)]))])))
-    measured = [g[3] for g in sys.modules["gpu_evidence_md"].goals(result)]
-    assert measured == [pytest.approx(2.25), pytest.approx(1.25), 1.1]
+        quality=dict(reports=[dict(summary=dict(results=[dict(ratio=1.1, memorisation=dict(
+            train_images=5000, inception=dict(fraction=0.04), pixels=dict(fraction=0.12)))]))])))
+    measured = [m for _, m in sys.modules["gpu_evidence_md"].goals(result)]
+    assert measured == [pytest.approx(2.25), pytest.approx(1.25), 1.1, 0.12]
     md = sys.modules["gpu_evidence_md"].markdown(result)
-    assert "| 2.25× | yes |" in md and "| 1.25× | no |" in md and "| 1.10× | yes |" in md
+    assert "| 2.25× | yes |" in md and "| 1.25× | no |" in md and "| 1.10× | yes |" in md and "| 12.0% | no |" in md
 
 
 @pytest.mark.parametrize("argv,match", [
