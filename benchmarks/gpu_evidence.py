@@ -52,7 +52,8 @@ from tinyddpm.errors import UserError, run_cli  # noqa: E402
 from tinyddpm.files import atomic_write_bytes  # noqa: E402
 from tinyddpm.generate import DEFAULT_DDIM_STEPS  # noqa: E402
 
-PEAK_TFLOPS = {"H100": bench.H100_BF16_DENSE_TFLOPS, "H200": bench.H100_BF16_DENSE_TFLOPS}  # same dense bf16 peak
+# Dense bf16 tensor-core peaks by GPU name, first match wins (NVIDIA's datasheets; the H200 SXM has the H100 SXM's).
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": bench.H100_BF16_DENSE_TFLOPS, "H200": bench.H100_BF16_DENSE_TFLOPS}
 OUT_FILES = ("gpu_evidence.json", "gpu_evidence.md")
 SECTIONS = (("train", section_train), ("sample", section_sample), ("fid", section_fid),
             ("quality", section_quality))
@@ -188,7 +189,7 @@ def time_cap(seconds):
 
 def run_section(ev, name, fn):
     """fn(ev, res) under the section's cap (the quality section gets what is left of the budget)."""
-    cap = min(ev.sizes.caps.get(name) or math.inf, ev.deadline - time.perf_counter())
+    cap = max(0.0, min(ev.sizes.caps.get(name) or math.inf, ev.deadline - time.perf_counter()))
     res = ev.result["sections"][name] = dict(status="running", cap_s=round(cap, 1))
     t = time.perf_counter()
     ev.section_end = t + cap
@@ -201,11 +202,13 @@ def run_section(ev, name, fn):
         res["status"] = "ok"
     except (Exception, SectionTimeout) as e:
         res["status"], res["error"] = ("timeout" if isinstance(e, SectionTimeout) else "failed"), one_line(e)
-        print("\n".join(traceback.format_exc().splitlines()[-12:]), file=sys.stderr, flush=True)
+        if not isinstance(e, SectionTimeout):
+            print("\n".join(traceback.format_exc().splitlines()[-12:]), file=sys.stderr, flush=True)
     finally:
         res["seconds"] = round(time.perf_counter() - t, 1)
         free_memory(ev.device)
-        ev.say(f"== {name}: {res['status']} in {res['seconds']:.0f} s" + (f" ({res['error']})" if "error" in res else ""))
+        error = f" ({res['error']})" if "error" in res else ""
+        ev.say(f"== {name}: {res['status']} in {res['seconds']:.0f} s{error}")
         ev.save()
 
 
@@ -217,9 +220,12 @@ def setup(ev):
                          python=sys.version.split()[0], tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
                          tf32_cudnn=torch.backends.cudnn.allow_tf32)
     if dev.type == "cuda":
-        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit",
-                              "--format=csv,noheader"], capture_output=True, text=True)
-        res["device"]["nvidia_smi"] = smi.stdout.strip() or smi.stderr.strip()
+        try:  # read-only query: name, driver, memory, the SM clock limit and the power limit as found
+            smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm,"
+                                  "power.limit", "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
+            res["device"]["nvidia_smi"] = smi.stdout.strip() or smi.stderr.strip()
+        except (OSError, subprocess.SubprocessError) as e:
+            res["device"]["nvidia_smi"] = one_line(e)
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in res["device"]["name"]), None)
     res["peak_tflops"] = peak
     folder = args.bundle
@@ -236,7 +242,7 @@ def setup(ev):
     res["bundle"].update(cats={k: len(v) for k, v in ev.cats.items()}, cats_pixels_verified=verified)
     ev.data_dir = bundle.write_cifar_layout(os.path.join(ev.work, "data"), ev.cats["train"], ev.cats["test"])
     ev.weights = os.path.join(folder, bundle.WEIGHTS)
-    res["bundle"]["wheels"] = bundle.install_wheels(os.path.join(folder, bundle.WHEELS), os.path.join(ev.work, "site"))
+    res["bundle"]["wheels_install"] = bundle.install_wheels(os.path.join(folder, bundle.WHEELS), os.path.join(ev.work, "site"))
     ev.diffusers_why = None
     try:
         import diffusers

@@ -44,18 +44,24 @@ def goals(result):
     return [(goal, m) for goal, m in zip(GOALS, measured)]
 
 
+def _table(head, n_names, rows, cells):
+    """A Markdown table: `n_names` name columns from each row's key ("system/variant"), then cells(figures)."""
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * n_names + "---:|" * (len(head) - n_names)]
+    for name, r in rows.items():
+        why = _why(r)
+        figures = [why] + [""] * (len(head) - n_names - 1) if why else cells(r)
+        lines.append("| " + " | ".join(name.split("/", n_names - 1) + figures) + " |")
+    return lines
+
+
 def _train_table(sec):
     lines = [f"## Training throughput ({sec.get('config')}, batch {sec.get('batch')}, 32 px, synthetic batches, "
-             f"{sec.get('memory_format')})", "",
-             "| system | mode | img/s | peak GiB | TFLOP/s | MFU | vs diffusers | first calls (s) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for name, r in sec.get("rows", {}).items():
-        system, mode = name.split("/", 1)
-        why = _why(r)
-        lines.append(f"| {system} | {mode} | " + (f"{why} | | | | | |" if why else
-                     f"{_num(r.get('img_s'))} | {_num(r.get('peak_mem_gib'), '.2f')} | {_num(r.get('tflops'), '.1f')} "
-                     f"| {_num(r.get('mfu'), '.1%')} | {_num(r.get('vs_diffusers'), '.2f', '×')} "
-                     f"| {_num(r.get('first_calls_s'))} |"))
+             f"{sec.get('memory_format')})", ""]
+    lines += _table(("system", "mode", "img/s", "peak GiB", "TFLOP/s", "MFU", "vs diffusers", "first calls (s)"), 2,
+                    sec.get("rows", {}), lambda r: [
+                        _num(r.get("img_s")), _num(r.get("peak_mem_gib"), ".2f"), _num(r.get("tflops"), ".1f"),
+                        _num(r.get("mfu"), ".1%"), _num(r.get("vs_diffusers"), ".2f", "×"),
+                        _num(r.get("first_calls_s"))])
     for name, r in sec.get("systems", {}).items():
         if "params" in r:
             lines.append(f"\n{name}: {r['params']:,} parameters, {r['flops_per_step'] / 1e12:.2f} TFLOP per training "
@@ -63,21 +69,18 @@ def _train_table(sec):
     lines += ["", "Real training loop (train.py in-process on the bundled cats; img/s of its progress lines after "
               "the first):", ""]
     for name, r in sec.get("loop", {}).items():
-        lines.append(f"- {name}: " + (_why(r) or f"{_num(r.get('img_s'))} img/s (lines {', '.join(f'{x:.0f}' for x in r.get('img_s_lines', []))}), "
+        rates = ", ".join(f"{x:.0f}" for x in r.get("img_s_lines", []))
+        lines.append(f"- {name}: " + (_why(r) or f"{_num(r.get('img_s'))} img/s (lines {rates}), "
                                       f"{_num(r.get('wall_s'))} s wall, flags {r.get('flags')}"))
     return lines
 
 
 def _sample_table(sec):
-    lines = [f"## Sampling throughput ({sec.get('config')}, batch {sec.get('batch')}, {sec.get('precision')})", "",
-             "| system | variant | image-steps/s | vs diffusers | peak GiB | first calls (s) |",
-             "|---|---|---:|---:|---:|---:|"]
-    for name, r in sec.get("rows", {}).items():
-        system, variant = name.split("/", 1)
-        why = _why(r)
-        lines.append(f"| {system} | {variant} | " + (f"{why} | | | |" if why else
-                     f"{_num(r.get('img_steps_s'), '.0f')} | {_num(r.get('vs_diffusers'), '.2f', '×')} "
-                     f"| {_num(r.get('peak_mem_gib'), '.2f')} | {_num(r.get('first_calls_s'))} |"))
+    lines = [f"## Sampling throughput ({sec.get('config')}, batch {sec.get('batch')}, {sec.get('precision')})", ""]
+    lines += _table(("system", "variant", "image-steps/s", "vs diffusers", "peak GiB", "first calls (s)"), 2,
+                    sec.get("rows", {}), lambda r: [
+                        _num(r.get("img_steps_s"), ".0f"), _num(r.get("vs_diffusers"), ".2f", "×"),
+                        _num(r.get("peak_mem_gib"), ".2f"), _num(r.get("first_calls_s"))])
     s = sec.get("sampler", {})
     lines += ["", "Default sampler (DDIM, η = 0, as sample.py): " + (_why(s) or (
         f"{s.get('images')} images × {s.get('steps')} steps in {_num(s.get('wall_s'), '.2f')} s "
@@ -85,26 +88,28 @@ def _sample_table(sec):
     return lines
 
 
+def _agreement(r):
+    if "max_feature_diff" not in r:
+        return ""
+    return (f"max feature diff {r['max_feature_diff']:.1e} (max |feature| {r['max_feature']:.1f}), FID relative "
+            f"diff {r['fid_relative_diff']:.1e}; ours {r['tinyddpm_speedup']:.2f}× faster")
+
+
 def _fid_table(sec):
-    lines = [f"## FID throughput ({sec.get('images')}, batch {sec.get('batch')}, median of {sec.get('repeats')})", "",
-             "| extractor | img/s | FID | agreement with ours |", "|---|---:|---:|---|"]
-    for name, r in sec.get("rows", {}).items():
-        why = _why(r)
-        agree = "" if "max_feature_diff" not in r else (
-            f"max feature diff {r['max_feature_diff']:.1e} (max |feature| {r['max_feature']:.1f}), FID relative diff "
-            f"{r['fid_relative_diff']:.1e}; ours {r['tinyddpm_speedup']:.2f}× faster")
-        lines.append(f"| {name} | " + (f"{why} | | |" if why else
-                                       f"{_num(r.get('img_s'), '.0f')} | {_num(r.get('fid'), '.4f')} | {agree} |"))
+    lines = [f"## FID throughput ({sec.get('images')}, batch {sec.get('batch')}, median of {sec.get('repeats')})", ""]
+    lines += _table(("extractor", "img/s", "FID", "agreement with ours"), 1, sec.get("rows", {}),
+                    lambda r: [_num(r.get("img_s"), ".0f"), _num(r.get("fid"), ".4f"), _agreement(r)])
     if sec.get("reference_note"):
         lines += ["", sec["reference_note"]]
     return lines
 
 
 def _quality(sec):
-    lines = [f"## Quality: `{sec.get('preset')}` preset on the cats, {_num(sec.get('train_budget_s'), '.0f')} s of "
-             "training", "",
-             f"{sec.get('steps')} steps at {_num(sec.get('img_s'), '.0f')} img/s (train.py flags: "
-             f"`{sec.get('train_flags')}`), last loss {_num(sec.get('last_loss'), '.4f')}", ""]
+    budget, wall, rate = (_num(sec.get(k), ".0f") for k in ("train_budget_s", "train_wall_s", "img_s"))
+    lines = [f"## Quality: `{sec.get('preset')}` preset on the cats, at most {budget} s of training", "",
+             f"{sec.get('steps')} steps in {wall} s at {rate} img/s (train.py flags: `{sec.get('train_flags')}`), "
+             f"last logged loss {_num(sec.get('last_loss'), '.4f')}",
+             ""]
     for rep in sec.get("reports", []):
         lines += [f"sample.py --report {rep.get('flags')}: " + (_why(rep) or ""), "", rep.get("markdown", "")]
     return lines
@@ -113,10 +118,12 @@ def _quality(sec):
 def markdown(result):
     dev = result.get("device", {})
     smoke = " **Smoke run: CPU, toy sizes and toy data; the figures mean nothing.**" if result.get("smoke") else ""
+    peak = result.get("peak_tflops")
     lines = [f"# GPU evidence: {dev.get('name', '?')}", "",
              f"{result.get('started')}; torch {dev.get('torch')}, CUDA {dev.get('cuda')}, diffusers "
-             f"{dev.get('diffusers', 'not installed')}; {dev.get('nvidia_smi', '')}; MFU against "
-             f"{result.get('peak_tflops')} TFLOP/s (bf16 dense, also for fp32 rows).{smoke}", "",
+             f"{dev.get('diffusers', 'not installed')}" + (f"; {dev['nvidia_smi']}" if dev.get("nvidia_smi") else "")
+             + (f"; MFU against {peak:g} TFLOP/s (dense bf16, also for the fp32 rows)." if peak else
+                "; no MFU (no peak rate known for this device).") + smoke, "",
              "| section | status | seconds | cap (s) |", "|---|---|---:|---:|"]
     secs = result.get("sections", {})
     for name, sec in secs.items():

@@ -83,7 +83,8 @@ def decode_jpeg(data):
 
 
 def jpegs_matching(images, jpegs):
-    """For each image [N, H, W, 3], the JPEG (of `jpegs`, any order) that decodes to exactly it; None if any has none."""
+    """For each image [N, H, W, 3], the JPEG (of `jpegs`, any order) that decodes to exactly it; None if one has
+    none."""
     by_pixels = {}
     for data in jpegs:
         by_pixels.setdefault(decode_jpeg(data).tobytes(), data)
@@ -124,8 +125,9 @@ def unpack_cats(path):
 
 
 def write_cifar_layout(root, train, test, class_name=CLASS):
-    """root/cifar-10-batches-py/ holding only these images (uint8 [N, 32, 32, 3]), all labelled `class_name`, in
-    the official keys and file names (protocol-4 pickles: no _codecs global), so tinyddpm.data.load_cifar10(root, split, [class_name]) returns them in order."""
+    """root/cifar-10-batches-py/ holding only these images (uint8 [N, 32, 32, 3]), all labelled `class_name`, with
+    the official file names and keys (protocol-4 pickles, which need no _codecs global), so that
+    tinyddpm.data.load_cifar10(root, split, [class_name]) returns them in this order."""
     folder = os.path.join(root, CIFAR10_FOLDER)
     os.makedirs(folder, exist_ok=True)
     label = CIFAR10_CLASSES.index(class_name)
@@ -140,7 +142,8 @@ def write_cifar_layout(root, train, test, class_name=CLASS):
 
 def read_zip_jpegs(zip_path, split, class_name=CLASS):
     with zipfile.ZipFile(zip_path) as z:
-        return [z.read(n) for n in sorted(z.namelist()) if n.startswith(f"{split}/{class_name}/") and n.endswith(".jpg")]
+        names = sorted(n for n in z.namelist() if n.startswith(f"{split}/{class_name}/") and n.endswith(".jpg"))
+        return [z.read(n) for n in names]
 
 
 def default_data_dir():
