@@ -118,7 +118,6 @@ class Evidence:
         self.t0 = time.perf_counter()
         self.deadline = self.t0 + (args.budget_s or sizes.budget_s)
         self.section_end = self.deadline
-        self.memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
         # --smoke: Dynamo's tracing without Inductor's code generation, which takes minutes on a CPU
         self.compile = partial(torch.compile, backend="eager") if args.smoke else torch.compile
         self.result = dict(smoke=args.smoke, started=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),

@@ -27,6 +27,8 @@ from tinyddpm.unet import count_parameters
 GIB = 2 ** 30
 MODES = ("fp32", "bf16", "bf16-compile")  # training modes, as in bench_unet
 SAMPLE_VARIANTS = ("eager", "cuda-graph", "compiled", "compiled+cuda-graph")  # cheap ones first
+# diffusers as shipped (NCHW) and in channels_last (bench_unet's two rows); only the faster one is compiled.
+DIFFUSERS = ("diffusers", "diffusers-cl")
 GRAPH_WARMUP = 3  # eager calls on a side stream before a CUDA graph capture (cuDNN/cuBLAS pick their kernels)
 LOOP_COMPILE_MIN_S = 100  # the real loop with --compile runs only if this much of the train section is left
 SIGTERM_POLL_S = 0.1  # how often the quality run's clock looks whether train.py's signal handler is in place
@@ -61,12 +63,20 @@ def timed_with_first(fn, iters, warmup, device):
 
 
 def add_ratios(rows, key):
-    """rows["tinyddpm/<v>"]["vs_diffusers"] = ours / diffusers in the same variant, where both were measured."""
+    """rows["tinyddpm/<v>"]["vs_diffusers"] = ours / the faster diffusers layout in the same variant (as bench_unet
+    reports it), where both were measured."""
     for name, r in rows.items():
         system, variant = name.split("/", 1)
-        ref = rows.get(f"diffusers/{variant}", {})
-        if system == "tinyddpm" and key in r and key in ref:
-            r["vs_diffusers"] = r[key] / ref[key]
+        peers = [rows.get(f"{d}/{variant}", {}).get(key) for d in DIFFUSERS]
+        if system == "tinyddpm" and key in r and any(peers):
+            r["vs_diffusers"] = r[key] / max(p for p in peers if p)
+
+
+def faster_diffusers(rows, key, variant):
+    """The diffusers layout that was faster in `variant` (the one worth compiling), or None."""
+    rates = {d: rows.get(f"{d}/{variant}", {}).get(key) for d in DIFFUSERS}
+    rates = {d: v for d, v in rates.items() if v}
+    return max(rates, key=rates.get) if rates else None
 
 
 def train_script_main(argv):
@@ -87,13 +97,14 @@ def steady_img_s(log):
 
 
 # ------------------------------------------------------------------------------------------- training throughput
-def train_speed(ev, system, mode, cfg, flops, memory_format):
+def train_speed(ev, system, mode, cfg, flops):
     s, dev = ev.sizes, ev.device
     bf16, compiled = mode != "fp32", mode == "bf16-compile"
     torch.manual_seed(0)
-    model = bench.make_model(system, cfg).to(dev, memory_format=memory_format)
-    opt = torch.optim.AdamW(model.parameters(), lr=bench.LR, fused=dev.type == "cuda")
-    x, t, noise = bench.batch(s.batch, dev, memory_format)
+    model = bench.make_model(system, cfg).to(dev)  # .to keeps each parameter's layout
+    opt = torch.optim.AdamW(model.parameters(), lr=bench.LR, **(dict(fused=True) if dev.type == "cuda" else
+                                                                 dict(foreach=True)))  # as the training loop
+    x, t, noise = bench.batch(s.batch, dev, bench.input_format(system))
     step = bench.make_train_step(ev.compile(model) if compiled else model, opt, x, t, noise, bf16, dev)
     seconds, first = timed_with_first(step, s.iters, s.warmup, dev)
     tflops, peak = flops * s.iters / seconds / 1e12, ev.result["peak_tflops"]
@@ -116,28 +127,27 @@ def loop_speed(ev, flags, name):
 def section_train(ev, res):
     s, dev = ev.sizes, ev.device
     cfg = build_config(s.unet, {}).unet
-    systems = ["tinyddpm"] + (["diffusers"] if ev.diffusers else [])
-    res.update(config=s.unet, batch=s.batch, iters=s.iters, warmup=s.warmup, memory_format=str(ev.memory_format),
-               peak_tflops=ev.result["peak_tflops"], systems={}, rows={}, loop={})
+    systems = ["tinyddpm"] + (list(DIFFUSERS) if ev.diffusers else [])
+    res.update(config=s.unet, batch=s.batch, iters=s.iters, warmup=s.warmup, peak_tflops=ev.result["peak_tflops"],
+               systems={}, rows={}, loop={})
     for system in systems:
         ev.attempt(res["systems"], system, lambda: dict(
             params=count_parameters(bench.make_model(system, cfg)),
-            flops_per_step=bench.count_train_flops(system, cfg, SimpleNamespace(batch_size=s.batch), dev,
-                                                   ev.memory_format)))
+            flops_per_step=bench.count_train_flops(system, cfg, SimpleNamespace(batch_size=s.batch), dev)))
     if not ev.diffusers:
         res["systems"]["diffusers"] = dict(skipped=ev.diffusers_why)
 
-    def row(system, mode, memory_format=ev.memory_format):
+    def row(system, mode):
         flops = res["systems"][system].get("flops_per_step")
-        ev.attempt(res["rows"], f"{system}/{mode}" + ("" if memory_format is ev.memory_format else "-contiguous"),
-                   lambda: train_speed(ev, system, mode, cfg, flops, memory_format),
+        ev.attempt(res["rows"], f"{system}/{mode}", lambda: train_speed(ev, system, mode, cfg, flops),
                    skip=None if flops else "no FLOP count (see systems)")
 
-    for mode in MODES:
+    for mode in MODES[:2]:
         for system in systems:
             row(system, mode)
-        if mode == "bf16" and dev.type == "cuda":  # the layout the training loop uses today
-            row("tinyddpm", mode, torch.contiguous_format)
+    row("tinyddpm", MODES[2])
+    if ev.diffusers:  # compiling costs most of a minute: only diffusers' faster layout in bf16
+        row(faster_diffusers(res["rows"], "img_s", MODES[1]) or DIFFUSERS[0], MODES[2])
     add_ratios(res["rows"], "img_s")
     ev.attempt(res["loop"], "eager", lambda: loop_speed(ev, (), "loop-eager"))
     ev.attempt(res["loop"], "compile", lambda: loop_speed(ev, ("--compile",), "loop-compile"),
@@ -181,7 +191,7 @@ def sample_speed(ev, fn):
 
 def sampler_wall(ev):
     """Our default sampler (sample.py's: DDIM 100 steps, η = 0) on sample_batch images in one batch, with the
-    model as sample.py builds it (contiguous layout), untrained: the time does not depend on the weights."""
+    model as sample.py builds it, untrained: the time does not depend on the weights."""
     from tinyddpm.models import build_diffusion, build_unet, no_labels
     from tinyddpm.samplers import sample
 
@@ -200,34 +210,35 @@ def sampler_wall(ev):
                 finite=bool(torch.isfinite(x).all()))
 
 
+def sample_rows(ev, res, system, cfg, variants):
+    """Image-steps/s of one system's network at sample_batch, in each of `variants` (SAMPLE_VARIANTS)."""
+    dev = ev.device
+    xs, ts, _ = bench.batch(ev.sizes.sample_batch, dev, bench.input_format(system), seed=1)
+    torch.manual_seed(0)
+    model = bench.make_model(system, cfg).to(dev).eval()
+    compiled = ev.compile(model, dynamic=False)
+    calls = {"eager": lambda: model(xs, ts), "compiled": lambda: compiled(xs, ts)}
+    for variant in variants:
+        fn = calls["compiled" if variant.startswith("compiled") else "eager"]
+        ev.attempt(res["rows"], f"{system}/{variant}",
+                   lambda: sample_speed(ev, cuda_graph(fn, dev) if "graph" in variant else fn),
+                   skip=None if "graph" not in variant or dev.type == "cuda" else "CUDA graphs need a CUDA device")
+
+
 def section_sample(ev, res):
-    s, dev = ev.sizes, ev.device
+    s = ev.sizes
     cfg = build_config(s.unet, {}).unet
     res.update(config=s.unet, batch=s.sample_batch, iters=s.iters, rows={},
-               precision="bf16 autocast" if dev.type == "cuda" else "fp32")
-    xs, ts, _ = bench.batch(s.sample_batch, dev, ev.memory_format, seed=1)
-    no_graph = None if dev.type == "cuda" else "CUDA graphs need a CUDA device"
-    for system in ("tinyddpm", "diffusers"):
-        if system == "diffusers" and not ev.diffusers:
-            res["rows"]["diffusers/eager"] = dict(skipped=ev.diffusers_why)
-            break
-        torch.manual_seed(0)
-        model = bench.make_model(system, cfg).to(dev, memory_format=ev.memory_format).eval()
-        compiled = ev.compile(model, dynamic=False)
-        calls = {"eager": lambda: model(xs, ts), "compiled": lambda: compiled(xs, ts)}
-        for variant in SAMPLE_VARIANTS:
-            fn = calls[variant.split("+")[0] if variant != "cuda-graph" else "eager"]
-            ev.attempt(res["rows"], f"{system}/{variant}",
-                       lambda: sample_speed(ev, cuda_graph(fn, dev) if "graph" in variant else fn),
-                       skip=no_graph if "graph" in variant else None)
-        del model, compiled, calls
-        if system == "tinyddpm":
-            if dev.type == "cuda":  # the layout sample.py uses today
-                plain = bench.make_model(system, cfg).to(dev).eval()
-                ev.attempt(res["rows"], "tinyddpm/eager-contiguous",
-                           lambda: sample_speed(ev, lambda: plain(xs.contiguous(), ts)))
-                del plain
-            ev.attempt(res, "sampler", lambda: sampler_wall(ev))
+               precision="bf16 autocast" if ev.device.type == "cuda" else "fp32")
+    sample_rows(ev, res, "tinyddpm", cfg, SAMPLE_VARIANTS)
+    ev.attempt(res, "sampler", lambda: sampler_wall(ev))
+    if not ev.diffusers:
+        res["rows"]["diffusers/eager"] = dict(skipped=ev.diffusers_why)
+    else:
+        for system in DIFFUSERS:
+            sample_rows(ev, res, system, cfg, SAMPLE_VARIANTS[:2])
+        best = faster_diffusers(res["rows"], "img_steps_s", "eager") or DIFFUSERS[0]
+        sample_rows(ev, res, best, cfg, SAMPLE_VARIANTS[2:])  # compiling: only the faster layout
     add_ratios(res["rows"], "img_steps_s")
 
 

@@ -57,8 +57,11 @@ def test_smoke_run_reports_every_section(tmp_path):
     train = result["sections"]["train"]
     for mode in sections.MODES:
         figures_or_skip(train["rows"][f"tinyddpm/{mode}"], "img_s")
-        if result["device"].get("diffusers"):
-            figures_or_skip(train["rows"][f"diffusers/{mode}"], "img_s")
+        if result["device"].get("diffusers"):  # both layouts, but only the faster one compiled
+            rows = [train["rows"][f"{d}/{mode}"] for d in sections.DIFFUSERS if f"{d}/{mode}" in train["rows"]]
+            assert len(rows) == (1 if mode == "bf16-compile" else 2)
+            for r in rows:
+                figures_or_skip(r, "img_s")
             assert train["rows"][f"tinyddpm/{mode}"]["vs_diffusers"] > 0
             assert train["systems"]["diffusers"]["params"] == train["systems"]["tinyddpm"]["params"]
         else:
@@ -214,15 +217,25 @@ def test_size_check(tmp_path, capsys):
 def test_goals_are_read_off_the_result():
     result = dict(sections=dict(
         train=dict(rows={"tinyddpm/bf16": dict(img_s=300.0), "tinyddpm/bf16-compile": dict(img_s=450.0),
-                         "diffusers/bf16-compile": dict(img_s=200.0), "diffusers/fp32": dict(img_s=900.0)}),
+                         "diffusers/bf16-compile": dict(img_s=200.0), "diffusers-cl/bf16-compile": dict(img_s=250.0),
+                         "diffusers/fp32": dict(img_s=900.0)}),
         sample=dict(rows={"tinyddpm/eager": dict(img_steps_s=10.0), "diffusers/compiled": dict(img_steps_s=8.0),
-                          "diffusers/cuda-graph": dict(skipped="x")}),
+                          "diffusers-cl/eager": dict(img_steps_s=9.0), "diffusers/cuda-graph": dict(skipped="x")}),
         quality=dict(reports=[dict(summary=dict(results=[dict(ratio=1.1, memorisation=dict(
             train_images=5000, inception=dict(fraction=0.04), pixels=dict(fraction=0.12)))]))])))
     measured = [m for _, m in sys.modules["gpu_evidence_md"].goals(result)]
-    assert measured == [pytest.approx(2.25), pytest.approx(1.25), 1.1, 0.12]
+    assert measured == [pytest.approx(1.8), pytest.approx(10 / 9), 1.1, 0.12]
     md = sys.modules["gpu_evidence_md"].markdown(result)
-    assert "| 2.25× | yes |" in md and "| 1.25× | no |" in md and "| 1.10× | yes |" in md and "| 12.0% | no |" in md
+    assert "| 1.80× | yes |" in md and "| 1.11× | no |" in md and "| 1.10× | yes |" in md and "| 12.0% | no |" in md
+
+
+def test_ratios_are_against_the_faster_diffusers_layout():
+    rows = {"tinyddpm/bf16": dict(img_s=30.0), "diffusers/bf16": dict(img_s=10.0),
+            "diffusers-cl/bf16": dict(img_s=20.0), "tinyddpm/fp32": dict(img_s=5.0), "diffusers/fp32": dict(error="x")}
+    sections.add_ratios(rows, "img_s")
+    assert rows["tinyddpm/bf16"]["vs_diffusers"] == 1.5 and "vs_diffusers" not in rows["tinyddpm/fp32"]
+    assert sections.faster_diffusers(rows, "img_s", "bf16") == "diffusers-cl"
+    assert sections.faster_diffusers(rows, "img_s", "fp32") is None
 
 
 @pytest.mark.parametrize("argv,match", [
