@@ -345,6 +345,32 @@ def test_a_billion_images_stream_in_flat_memory(w, tmp_path, capsys, monkeypatch
     assert sorted(os.listdir(tmp_path / "o")) == [f"{i:06d}.png" for i in range(8)]  # no .tmp either
 
 
+def test_fusion_streams_seed_by_seed(w, tmp_path, capsys, monkeypatch):
+    """--fuse --n 10**9: each seed's fusion and strip are written as its batch is made; Ctrl-C stops cleanly."""
+    calls, written = [], []
+    _fast_sampler(monkeypatch, calls)
+    real = files.atomic_save_image
+
+    def save(img, path):
+        if len(written) == 4:
+            raise KeyboardInterrupt
+        written.append(os.path.basename(path))
+        real(img, path)
+
+    monkeypatch.setattr("tinyddpm.imageio.atomic_save_image", save)
+    tracemalloc.start()
+    try:
+        code, _, err = run_script(sample, argv_for(w, "fuse", tmp_path / "o", "--n", str(10**9), "--batch-size", "2"),
+                                  capsys)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert code == 130, err
+    assert calls == [2, 2] and peak < 64 * 2**20, (calls, peak)
+    assert written == ["fused_seed000000_lam0.5.png", "strip_seed000000.png", "fused_seed000001_lam0.5.png",
+                       "strip_seed000001.png"]
+
+
 def test_grid_is_the_first_images(w, tmp_path, capsys, monkeypatch):
     calls = []
     _fast_sampler(monkeypatch, calls)
