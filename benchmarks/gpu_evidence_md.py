@@ -100,7 +100,9 @@ def _agreement(r):
 
 
 def _fid_table(sec):
-    lines = [f"## FID throughput ({sec.get('images')}, batch {sec.get('batch')}, median of {sec.get('repeats')})", ""]
+    lines = [f"## FID throughput ({sec.get('images')}, batch {sec.get('batch')}, median of {sec.get('repeats')})", "",
+             "Each extractor's features through the same Fréchet distance (tinyddpm.distance); TF32 convolutions: "
+             f"{sec.get('tf32_convolutions')}.", ""]
     lines += _table(("extractor", "img/s", "FID", "agreement with ours"), 1, sec.get("rows", {}),
                     lambda r: [_num(r.get("img_s"), ".0f"), _num(r.get("fid"), ".4f"), _agreement(r)])
     if sec.get("reference_note"):

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-import bench_fid  # pytorch-fid's checkpoint from our weights
+import bench_fid  # pytorch-fid's checkpoint from our weights (write_pytorch_fid_weights)
 import bench_unet as bench  # the two U-Nets, synthetic batches, the train step, FLOPs, timing
 from tinyddpm.config import PRESETS, build_config
 from tinyddpm.devices import autocast
@@ -250,10 +250,11 @@ def batches_on(ev, images):
 
 
 def pytorch_fid_extractor(ev):
-    """pytorch-fid's InceptionV3 on the device, loading the same weights (bench_fid writes its hub checkpoint)."""
+    """pytorch-fid's InceptionV3 on the device, loading the same weights: bench_fid writes them in pytorch-fid's
+    layout where torch.hub looks (gpu_evidence points torch.hub at its work folder)."""
     from pytorch_fid.inception import InceptionV3
 
-    bench_fid.export_pth(ev.weights)
+    bench_fid.write_pytorch_fid_weights(ev.weights, os.path.dirname(torch.hub.get_dir()))
     model = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).to(ev.device).eval()
 
     def features(images):

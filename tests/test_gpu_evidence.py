@@ -205,6 +205,40 @@ def test_stand_in_weights_when_none_are_found(tmp_path, monkeypatch):
     assert model.flavour == "fid"
 
 
+def test_pytorch_fid_gets_our_weights_where_it_loads_them(tmp_path, monkeypatch):
+    """pytorch-fid is not installed here (it needs torchvision): a stand-in module loads the checkpoint from where
+    pytorch-fid's load_state_dict_from_url looks, so a renamed helper or path breaks this test, not the GPU run."""
+    import types
+
+    from tinyddpm.inception import FID_WEIGHTS_NAME, FIDInceptionV3
+
+    class InceptionV3(torch.nn.Module):
+        BLOCK_INDEX_BY_DIM = {2048: 3}
+
+        def __init__(self, blocks):
+            super().__init__()
+            path = os.path.join(torch.hub.get_dir(), "checkpoints", FID_WEIGHTS_NAME)
+            self.state = torch.load(path, weights_only=True)
+
+        def forward(self, x):  # [B, 3, H, W] → [[B, 2048, 1, 1]], as pytorch-fid's blocks output
+            return [x.mean(dim=(2, 3), keepdim=True).repeat(1, 683, 1, 1)[:, :2048]]
+
+    module = types.ModuleType("pytorch_fid.inception")
+    module.InceptionV3 = InceptionV3
+    monkeypatch.setitem(sys.modules, "pytorch_fid", types.ModuleType("pytorch_fid"))
+    monkeypatch.setitem(sys.modules, "pytorch_fid.inception", module)
+    weights = str(tmp_path / "w.pth")
+    bundle.write_fp16_weights(FIDInceptionV3().state_dict(), weights)
+    hub = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    try:
+        ev = SimpleNamespace(weights=weights, device=torch.device("cpu"), sizes=SimpleNamespace(fid_batch=2))
+        name, features = sections.pytorch_fid_extractor(ev)
+        assert name == "pytorch-fid" and features(np.zeros((3, 32, 32, 3), np.uint8)).shape == (3, 2048)
+    finally:
+        torch.hub.set_dir(hub)
+
+
 def test_size_check(tmp_path, capsys):
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "x.bin").write_bytes(b"0" * 1000)
