@@ -8,6 +8,7 @@ slow starts:
 - a dataset reference `cifar10:CLASSES:SPLIT[:N]`, read from --data-dir (downloaded there if missing);
 - a pytorch-fid statistics file (.npz with mu [d] and sigma [d, d]). Its format is read and written here only.
 """
+import contextlib
 import errno
 import hashlib
 import io
@@ -98,16 +99,11 @@ def scan_images(folder):
     [(path, why)] for every entry left out. Nothing is opened: a FIFO named x.png would block a decoder forever.
     File names are kept as the OS gives them (undecodable bytes as surrogates, which open() accepts)."""
     found, skipped, seen = [], [], set()
-
-    def walk_error(e):
-        skipped.append((e.filename, f"unreadable folder ({e.strerror})"))
-
-    for dirpath, dirnames, filenames in os.walk(folder, onerror=walk_error, followlinks=True):
-        try:
+    unreadable = lambda e: skipped.append((e.filename, f"unreadable folder ({e.strerror})"))  # noqa: E731
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=unreadable, followlinks=True):
+        with contextlib.suppress(OSError):  # a folder removed while we walk: its entries fail on their own
             here = os.stat(dirpath)
             seen.add((here.st_dev, here.st_ino))
-        except OSError:  # removed while we walk: its entries below fail on their own
-            pass
         for name in sorted(dirnames):  # a linked folder already walked (a loop, or a second link) is left out
             sub = os.path.join(dirpath, name)
             try:
@@ -261,7 +257,7 @@ def resolve_source(spec, data_dir=DataConfig.data_dir):
     if ext == ".npz":
         data = _read_npz(path)
         if "mu" in data or "sigma" in data:
-            mu, sigma = statistics_from_npz(data, path)
+            mu, sigma = load_statistics(path, data)
             return Source("stats", path, mu=mu, sigma=sigma)
         arrays = [v for v in data.values() if v.ndim >= 3]
         if len(arrays) != 1:
@@ -302,15 +298,13 @@ def check_statistics(mu, sigma, name):
     return mu, sigma
 
 
-def statistics_from_npz(data, name):
+def load_statistics(path, data=None):
+    """(mu, sigma) in float64 from a pytorch-fid style .npz (keys mu, sigma; `data`: its arrays if already read),
+    validated (check_statistics)."""
+    data = _read_npz(path) if data is None else data
     if "mu" not in data or "sigma" not in data:
-        raise UserError(f"{name} has keys {sorted(data)}; a statistics file needs mu and sigma")
-    return check_statistics(data["mu"], data["sigma"], name)
-
-
-def load_statistics(path):
-    """(mu, sigma) in float64 from a pytorch-fid style .npz (keys mu, sigma), validated (check_statistics)."""
-    return statistics_from_npz(_read_npz(path), path)
+        raise UserError(f"{path} has keys {sorted(data)}; a statistics file needs mu and sigma")
+    return check_statistics(data["mu"], data["sigma"], path)
 
 
 def save_statistics(path, mu, sigma, force=False, **extra):
