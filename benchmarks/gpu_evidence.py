@@ -275,6 +275,7 @@ def main(argv=None):
                 run_section(ev, section, fn)
         finally:
             torch.hub.set_dir(hub)
+            torch._dynamo.reset()  # compiled code of this run's models; in-process callers (tests) start clean
     ev.result["wall_s"] = round(time.perf_counter() - ev.t0, 1)
     ev.save()
     print(markdown(ev.result))
