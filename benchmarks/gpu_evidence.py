@@ -46,8 +46,9 @@ import torch  # noqa: E402
 import bench_unet as bench  # noqa: E402
 import make_gpu_bundle as bundle  # noqa: E402  (what travels, and how it is unpacked)
 from gpu_evidence_md import markdown  # noqa: E402
-from gpu_sections import (SectionTimeout, free_memory, one_line, section_fid, section_quality,  # noqa: E402
-                          section_sample, section_train)
+from gpu_fid import section_fid  # noqa: E402
+from gpu_sections import (SectionTimeout, free_memory, one_line, section_quality, section_sample,  # noqa: E402
+                          section_train)
 from tinyddpm.errors import UserError, run_cli  # noqa: E402
 from tinyddpm.files import atomic_write_bytes  # noqa: E402
 from tinyddpm.generate import DEFAULT_DDIM_STEPS  # noqa: E402

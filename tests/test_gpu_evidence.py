@@ -30,6 +30,7 @@ def load(name):
 
 ev_mod = load("gpu_evidence")
 sections = sys.modules["gpu_sections"]  # imported by gpu_evidence (benchmarks/ is on sys.path from there)
+fid_section = sys.modules["gpu_fid"]
 bundle = sys.modules["make_gpu_bundle"]
 SECTIONS = ("train", "sample", "fid", "quality")
 
@@ -233,7 +234,7 @@ def test_pytorch_fid_gets_our_weights_where_it_loads_them(tmp_path, monkeypatch)
     torch.hub.set_dir(str(tmp_path / "hub"))
     try:
         ev = SimpleNamespace(weights=weights, device=torch.device("cpu"), sizes=SimpleNamespace(fid_batch=2))
-        name, features = sections.pytorch_fid_extractor(ev)
+        name, features = fid_section.pytorch_fid_extractor(ev)
         assert name == "pytorch-fid" and features(np.zeros((3, 32, 32, 3), np.uint8)).shape == (3, 2048)
     finally:
         torch.hub.set_dir(hub)
