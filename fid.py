@@ -19,10 +19,10 @@ import sys
 import warnings
 
 from tinyddpm.config import DataConfig
+from tinyddpm.distance import KID_MIN_SUBSET
 from tinyddpm.errors import UserError, run_cli
 
 DEFAULT_DATA_DIR = DataConfig.data_dir  # train.py's default --data-dir, so both find the same download
-MIN_KID_SUBSET = 2  # the unbiased MMD² divides by m(m − 1)
 SEED_LIMIT = 2**64  # numpy's generators take seeds in [0, 2**64) here
 
 
@@ -63,7 +63,7 @@ def check_args(args):
             raise UserError(f"--save-stats {args.save_stats} must end in .npz (pytorch-fid's stats format)")
     elif len(args.inputs) != 2:
         raise UserError("one input needs --save-stats PATH; to compare, pass two inputs: python fid.py dirA dirB")
-    for name, least in (("batch_size", 1), ("kid_subsets", 1), ("kid_subset_size", MIN_KID_SUBSET)):
+    for name, least in (("batch_size", 1), ("kid_subsets", 1), ("kid_subset_size", KID_MIN_SUBSET)):
         if getattr(args, name) < least:
             raise UserError(f"--{name.replace('_', '-')} must be at least {least} (got {getattr(args, name)})")
     cpus = os.cpu_count() or 1

@@ -24,12 +24,12 @@ import torch.nn.functional as F
 from .config import DataConfig
 from . import data
 from .data import CIFAR10_CLASSES, CIFAR10_SPLITS, resolve_classes
+from .distance import SYMMETRY_RTOL
 from .errors import UserError
 from .files import atomic_write_bytes
 from .imageio import IMAGE_EXTENSIONS, load_rgb
 
 MIN_IMAGES = 2  # a covariance needs at least two samples
-SYMMETRY_RTOL = 1e-6  # |sigma − sigmaᵀ| allowed, relative to the largest entry (pytorch-fid's np.cov is symmetric)
 FINGERPRINT_ROWS = 1024  # array rows hashed at a time, so a memory-mapped .npy is never read whole
 
 
