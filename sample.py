@@ -14,7 +14,8 @@ import sys
 import numpy as np
 
 from tinyddpm.errors import UserError, run_cli
-from tinyddpm.generate import DEFAULT_BATCH, DEFAULT_DDIM_STEPS, DEFAULT_N, DEFAULT_SAMPLER, SamplingOptions
+from tinyddpm.generate import (DDIM_SAMPLER, DEFAULT_BATCH, DEFAULT_DDIM_STEPS, DEFAULT_N, DEFAULT_SAMPLER,
+                               DEFAULT_STEPS, SamplingOptions)
 from tinyddpm.imageio import GRID_IMAGES
 from tinyddpm.report import REPORT_N
 from tinyddpm.samplers import SAMPLERS, SPACINGS
@@ -26,8 +27,10 @@ def build_parser():
     p.add_argument("--n", type=int, default=None,
                    help=f"number of images (default {DEFAULT_N}; --report: {REPORT_N}; --fuse: 1 per λ)")
     p.add_argument("--out", default="samples", help="output folder for the PNGs and grid.png")
-    p.add_argument("--sampler", choices=SAMPLERS, default=None, help=f"sampler (default {DEFAULT_SAMPLER})")
-    p.add_argument("--steps", type=int, default=None, help=f"sampler steps (default {DEFAULT_DDIM_STEPS})")
+    p.add_argument("--sampler", choices=SAMPLERS, default=None,
+                   help=f"sampler (default {DEFAULT_SAMPLER}; --fuse/--interpolate: {DDIM_SAMPLER})")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"model calls (default {DEFAULT_STEPS}; --fuse/--interpolate: {DEFAULT_DDIM_STEPS})")
     p.add_argument("--eta", type=float, default=None, help="DDIM η in [0, 1]: 0 deterministic (default), 1 DDPM-like")
     p.add_argument("--no-clip", action="store_true", help="do not clip the predicted x0 to [-1, 1]")
     p.add_argument("--spacing", choices=SPACINGS, default=None,
@@ -94,10 +97,13 @@ def sampling_options(args, gen, mode):
         default_n = cond_eval.image_count(args)  # n_per_set × n_sets
     else:  # fusion: --n fusions per λ; interpolation: one strip, its length is --frames
         default_n = {"--report": REPORT_N, "--fuse": 1, "--interpolate": 1}.get(mode, DEFAULT_N)
-    default_steps = cond_eval.DEFAULT_EVAL_STEPS if mode == "--eval-labels" else DEFAULT_DDIM_STEPS
+    default_sampler, default_steps = {
+        "--eval-labels": (DEFAULT_SAMPLER, cond_eval.DEFAULT_EVAL_STEPS),
+        "--fuse": (DDIM_SAMPLER, DEFAULT_DDIM_STEPS), "--interpolate": (DDIM_SAMPLER, DEFAULT_DDIM_STEPS),
+    }.get(mode, (DEFAULT_SAMPLER, DEFAULT_STEPS))
     return SamplingOptions(
         n=default_n if args.n is None else args.n, seed=args.seed, batch_size=args.batch_size,
-        sampler=args.sampler or DEFAULT_SAMPLER, steps=default_steps if args.steps is None else args.steps,
+        sampler=args.sampler or default_sampler, steps=default_steps if args.steps is None else args.steps,
         eta=0.0 if args.eta is None else args.eta, cfg_scale=1.0 if args.cfg_scale is None else args.cfg_scale,
         clip_x0=not args.no_clip, spacing=args.spacing or "uniform", churn=0.0 if args.churn is None else args.churn,
     ).check(None if gen.diffusion is None else gen.diffusion.num_timesteps)

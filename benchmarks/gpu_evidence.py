@@ -51,7 +51,7 @@ from gpu_sections import (SectionTimeout, free_memory, one_line, section_quality
                           section_train)
 from tinyddpm.errors import UserError, run_cli  # noqa: E402
 from tinyddpm.files import atomic_write_bytes  # noqa: E402
-from tinyddpm.generate import DEFAULT_DDIM_STEPS  # noqa: E402
+from tinyddpm.generate import DEFAULT_STEPS  # noqa: E402
 
 # Dense bf16 tensor-core peaks by GPU name, first match wins (NVIDIA's datasheets; the H200 SXM has the H100 SXM's).
 PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": bench.H100_BF16_DENSE_TFLOPS, "H200": bench.H100_BF16_DENSE_TFLOPS}
@@ -67,7 +67,7 @@ class Sizes:
     iters: int  # timed calls per measurement
     warmup: int  # untimed calls first (compilation happens here)
     sample_batch: int  # images per denoising call, and images of the sampler run
-    sampler_steps: int  # DDIM steps of the default sampler
+    sampler_steps: int  # model calls of sample.py's default sampler
     loop_flags: tuple  # train.py flags of the real-loop run (besides data, preset, output)
     fid_images: int  # images per side (train cats vs test cats)
     fid_batch: int
@@ -82,7 +82,7 @@ class Sizes:
     budget_s: float  # the whole run
 
 
-FULL = Sizes(unet="ddpm-cifar", batch=128, iters=20, warmup=5, sample_batch=1000, sampler_steps=DEFAULT_DDIM_STEPS,
+FULL = Sizes(unet="ddpm-cifar", batch=128, iters=20, warmup=5, sample_batch=1000, sampler_steps=DEFAULT_STEPS,
              loop_flags=("--steps", "200", "--log-every", "50", "--grid-size", "16", "--grid-steps", "10"),
              fid_images=1000, fid_batch=250, fid_repeats=3,
              quality_preset="small", quality_steps=None, quality_flags=("--log-every", "250"), report_flags=(),

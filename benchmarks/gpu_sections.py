@@ -21,6 +21,7 @@ import torch
 import bench_unet as bench  # the two U-Nets, synthetic batches, the train step, FLOPs, timing
 from tinyddpm.config import PRESETS, build_config
 from tinyddpm.devices import autocast
+from tinyddpm.generate import DEFAULT_SAMPLER
 from tinyddpm.unet import count_parameters
 
 GIB = 2 ** 30
@@ -202,10 +203,10 @@ def sampler_wall(ev):
         bench.sync(dev)
         t = time.perf_counter()
         with autocast(dev):
-            x = sample("ddim", diffusion, model, shape, list(range(n)), dev, steps=s.sampler_steps)
+            x = sample(DEFAULT_SAMPLER, diffusion, model, shape, list(range(n)), dev, steps=s.sampler_steps)
         bench.sync(dev)
     wall = time.perf_counter() - t
-    return dict(images=n, steps=s.sampler_steps, wall_s=wall, img_steps_s=n * s.sampler_steps / wall,
+    return dict(sampler=DEFAULT_SAMPLER, images=n, steps=s.sampler_steps, wall_s=wall, img_steps_s=n * s.sampler_steps / wall,
                 finite=bool(torch.isfinite(x).all()))
 
 

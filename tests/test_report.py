@@ -17,6 +17,7 @@ from tests.helpers import MICRO_FLAGS, assert_user_error, make_image_folder, run
 from tinyddpm import data as data_mod
 from tinyddpm import report, sources
 from tinyddpm.errors import run_cli
+from tinyddpm.generate import DEFAULT_SAMPLER
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.load:DeprecationWarning")
 
@@ -86,7 +87,7 @@ def test_report_fields_floor_splits_and_cache(ckpts, fake, cifar_root, tmp_path,
     r = _json(tmp_path)
     assert {"ckpt", "model", "step", "n", "sampler", "steps", "cfg_scale", "inception", "wall_seconds",
             "results"} <= set(r)
-    assert (r["model"], r["step"], r["n"], r["sampler"], r["steps"]) == ("ddpm", 1, N, "ddim", 2)
+    assert (r["model"], r["step"], r["n"], r["sampler"], r["steps"]) == ("ddpm", 1, N, DEFAULT_SAMPLER, 2)
     (row,) = r["results"]
     assert row["reference"] == "cifar10:cat:test:8" and row["floor_reference"] == f"cifar10:cat:train:{N}"
     assert row["fid"] > 0 and row["floor"] > 0 and row["ratio"] == pytest.approx(row["fid"] / row["floor"])
@@ -242,3 +243,20 @@ def test_fid_py_reads_dataset_references(cifar_root, tmp_path, capsys, fake):
     code, out, err = run_script(fid, ["cifar10:cat:test:5", "cifar10:dog:train:99999", "--data-dir", cifar_root],
                                 capsys)
     assert_user_error(code, err, "only 5000")
+
+
+@pytest.mark.parametrize("mode, sampler, steps", [
+    (None, "dpmpp-2m-sde", 20), ("--report", "dpmpp-2m-sde", 20),
+    ("--fuse", "ddim", 100), ("--interpolate", "ddim", 100)])
+def test_default_sampler_per_mode(mode, sampler, steps):
+    """Images and the report default to the sampler the FID-vs-calls table chose (docs/samplers.md); fusion and
+    interpolation keep deterministic DDIM (interpolation must invert exactly). Flags still override."""
+    from types import SimpleNamespace
+
+    args = sample.build_parser().parse_args(["--ckpt", "x"])
+    gen = SimpleNamespace(diffusion=SimpleNamespace(num_timesteps=1000))
+    opts = sample.sampling_options(args, gen, mode)
+    assert (opts.sampler, opts.steps, opts.eta) == (sampler, steps, 0.0)
+    args = sample.build_parser().parse_args(["--ckpt", "x", "--sampler", "ddim", "--steps", "7"])
+    assert (sample.sampling_options(args, gen, mode).sampler, sample.sampling_options(args, gen, mode).steps) == \
+        ("ddim", 7)
