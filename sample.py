@@ -28,7 +28,7 @@ def build_parser():
                    help=f"number of images (default {DEFAULT_N}; --report: {REPORT_N}; --fuse: 1 per λ)")
     p.add_argument("--out", default="samples", help="output folder for the PNGs and grid.png")
     p.add_argument("--sampler", choices=SAMPLERS, default=None,
-                   help=f"sampler (default {DEFAULT_SAMPLER}; --fuse/--interpolate: {DDIM_SAMPLER})")
+                   help=f"sampler (default {DEFAULT_SAMPLER}; with --eta, --fuse or --interpolate: {DDIM_SAMPLER})")
     p.add_argument("--steps", type=int, default=None,
                    help=f"model calls (default {DEFAULT_STEPS}; --fuse/--interpolate: {DEFAULT_DDIM_STEPS})")
     p.add_argument("--eta", type=float, default=None, help="DDIM η in [0, 1]: 0 deterministic (default), 1 DDPM-like")
@@ -101,6 +101,8 @@ def sampling_options(args, gen, mode):
         "--eval-labels": (DEFAULT_SAMPLER, cond_eval.DEFAULT_EVAL_STEPS),
         "--fuse": (DDIM_SAMPLER, DEFAULT_DDIM_STEPS), "--interpolate": (DDIM_SAMPLER, DEFAULT_DDIM_STEPS),
     }.get(mode, (DEFAULT_SAMPLER, DEFAULT_STEPS))
+    if args.eta is not None and args.sampler is None:  # η is DDIM's alone: `--eta 1` keeps meaning DDIM, as it did
+        default_sampler, default_steps = DDIM_SAMPLER, DEFAULT_DDIM_STEPS
     return SamplingOptions(
         n=default_n if args.n is None else args.n, seed=args.seed, batch_size=args.batch_size,
         sampler=args.sampler or default_sampler, steps=default_steps if args.steps is None else args.steps,

@@ -109,7 +109,7 @@ def test_report_fields_floor_splits_and_cache(ckpts, fake, cifar_root, tmp_path,
         want = frechet_distance(*statistics_from_features(feats(floor)), *statistics_from_features(feats(ref)))
     assert row["floor"] == pytest.approx(want, rel=1e-9)
     md = (tmp_path / "rep" / "report.md").read_text()
-    assert md.count("\n") == 3 and "| ddim 2 |" in md and "cifar10:cat:test:8" in md and "|" in out
+    assert md.count("\n") == 3 and f"| {DEFAULT_SAMPLER} 2 |" in md and "cifar10:cat:test:8" in md and "|" in out
     images = np.load(tmp_path / "rep" / "report_images.npy")
     assert images.shape == (N, 32, 32, 3) and images.dtype == np.uint8
     assert (tmp_path / "rep" / "report_grid.png").is_file()
@@ -257,6 +257,8 @@ def test_default_sampler_per_mode(mode, sampler, steps):
     gen = SimpleNamespace(diffusion=SimpleNamespace(num_timesteps=1000))
     opts = sample.sampling_options(args, gen, mode)
     assert (opts.sampler, opts.steps, opts.eta) == (sampler, steps, 0.0)
+    args = sample.build_parser().parse_args(["--ckpt", "x", "--eta", "1"])  # η is DDIM's: it implies ddim
+    assert sample.sampling_options(args, gen, mode).sampler == "ddim"
     args = sample.build_parser().parse_args(["--ckpt", "x", "--sampler", "ddim", "--steps", "7"])
     assert (sample.sampling_options(args, gen, mode).sampler, sample.sampling_options(args, gen, mode).steps) == \
         ("ddim", 7)
