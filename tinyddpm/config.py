@@ -24,6 +24,7 @@ MAX_BATCH = 65_536
 MAX_GRID = 1024  # images in a training sample grid
 MAX_SHAPES = 1_000_000  # rendered shapes scenes (3 KB each at 32 px, all held in memory)
 MODEL_KINDS = ("ddpm", "dcgan")
+LR_DECAYS = ("constant", "cosine")
 
 
 @dataclass
@@ -64,6 +65,9 @@ class DiffusionConfig:
     learn_sigma: bool = field(default=False, metadata=dict(help="learn the variance (hybrid loss)"))
     vlb_weight: float = field(default=0.001, metadata=dict(min=0.0,
                                                          help="λ of L_simple + λ·L_vlb with --learn-sigma"))
+    min_snr_gamma: float = field(default=0.0, metadata=dict(min=0.0, help=(
+        "min-SNR-γ loss weighting (Hang et al. 2023): each timestep's MSE weighted as if its SNR were capped at γ "
+        "(5 in the paper); 0: off, plain L_simple")))
 
 
 @dataclass
@@ -93,6 +97,8 @@ class TrainConfig:
                                                     help="images per step (global batch under torchrun)"))
     lr: float = field(default=2e-4, metadata=dict(gt=0.0, help="learning rate"))
     warmup: int = field(default=1000, metadata=dict(min=0, help="linear learning-rate warm-up steps"))
+    lr_decay: str = field(default="constant", metadata=dict(choices=LR_DECAYS, help=(
+        "after the warm-up: constant (Ho et al.), or cosine decay to 0 at --steps")))
     weight_decay: float = field(default=0.0, metadata=dict(min=0.0, help="AdamW weight decay"))
     grad_clip: float = field(default=1.0, metadata=dict(min=0.0, help="gradient-norm clip (0: off)"))
     ema_decay: float = field(default=0.9999, metadata=dict(min=0.0, max=1.0, help="EMA decay of the weights"))

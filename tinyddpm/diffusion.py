@@ -17,9 +17,11 @@ LOG2 = math.log(2.0)
 
 
 class GaussianDiffusion:
-    def __init__(self, betas: np.ndarray, objective: str = "eps", learn_sigma: bool = False, vlb_weight: float = 1e-3):
+    def __init__(self, betas: np.ndarray, objective: str = "eps", learn_sigma: bool = False, vlb_weight: float = 1e-3,
+                 min_snr_gamma: float = 0.0):
         assert objective in ("eps", "x0", "v"), objective
         self.objective, self.learn_sigma, self.vlb_weight = objective, learn_sigma, vlb_weight
+        self.min_snr_gamma = min_snr_gamma
         betas = np.asarray(betas, dtype=np.float64)
         self.num_timesteps = T = len(betas)
         alphas = 1.0 - betas
@@ -37,6 +39,7 @@ class GaussianDiffusion:
             post_c0=betas * np.sqrt(ab_prev) / (1.0 - ab),
             post_ct=(1.0 - ab_prev) * np.sqrt(alphas) / (1.0 - ab),
             log_betas=np.log(betas),
+            snr=ab / (1.0 - ab),
         )
         # float64 master copies (exact, for tests and the schedule) and float32 copies per device for the maths.
         self.np = arrays
@@ -44,7 +47,8 @@ class GaussianDiffusion:
 
     @classmethod
     def from_config(cls, dcfg):
-        return cls(get_betas(dcfg.schedule, dcfg.timesteps), dcfg.objective, dcfg.learn_sigma, dcfg.vlb_weight)
+        return cls(get_betas(dcfg.schedule, dcfg.timesteps), dcfg.objective, dcfg.learn_sigma, dcfg.vlb_weight,
+                   dcfg.min_snr_gamma)
 
     def _get(self, name, t, x):
         """Schedule value `name` at timesteps t [B], shaped [B, 1, 1, 1] to broadcast against x."""
@@ -119,8 +123,17 @@ class GaussianDiffusion:
         """One uniformly drawn timestep per image (never one t for the whole batch)."""
         return torch.randint(0, self.num_timesteps, (batch,), device=device, generator=generator)
 
+    def loss_weight(self, t, x):
+        """Min-SNR-γ weights [B, 1, 1, 1] (Hang et al. 2023, eq. 9 and appendix): in x0 terms every timestep counts
+        with weight min(SNR_t, γ); ε and v targets already carry SNR_t and SNR_t + 1 of that, so they are divided
+        out. Low-noise steps (huge SNR), which plain ε-MSE over-weights in x0 terms, stop dominating the gradient."""
+        snr = self._get("snr", t, x)
+        capped = snr.clamp(max=self.min_snr_gamma)
+        return {"eps": capped / snr, "x0": capped, "v": capped / (snr + 1.0)}[self.objective]
+
     def training_losses(self, model_fn, x0, t, noise):
-        """Per-image losses [B]: L_simple (MSE on the objective's target), plus λ·T·L_t with a learned variance.
+        """Per-image losses [B]: L_simple (MSE on the objective's target; min-SNR-γ weighted when γ > 0), plus
+        λ·T·L_t with a learned variance.
 
         Hybrid loss (Nichol & Dhariwal): the VLB term sees the mean with a stop-gradient, so it trains only the
         variance. L_vlb = Σ_t L_t = T·E_t[L_t]; λ·L_vlb is therefore λ·T·L_t per sampled t (as improved-diffusion).
@@ -129,13 +142,15 @@ class GaussianDiffusion:
         out = model_fn(x_t, t)
         mean_out, var_out = self.split_output(out, x_t)
         target = {"eps": noise, "x0": x0, "v": self.v_from(x0, t, noise)}[self.objective]
-        mse = (mean_out.float() - target).pow(2).mean(dim=tuple(range(1, x0.dim())))
-        terms = dict(mse=mse, loss=mse)
+        sq = (mean_out.float() - target).pow(2)
+        dims = tuple(range(1, x0.dim()))
+        mse = sq.mean(dim=dims)
+        terms = dict(mse=mse, loss=(sq * self.loss_weight(t, x0)).mean(dim=dims) if self.min_snr_gamma > 0 else mse)
         if self.learn_sigma:
             frozen = torch.cat([mean_out.detach(), var_out], dim=1).float()
             vlb = self.vlb_term(frozen, x0, x_t, t)
             terms["vlb"] = vlb
-            terms["loss"] = mse + self.vlb_weight * self.num_timesteps * vlb
+            terms["loss"] = terms["loss"] + self.vlb_weight * self.num_timesteps * vlb
         return terms
 
     # --- the variational bound (bits per dimension) -------------------------------------------------------------

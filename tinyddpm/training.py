@@ -5,6 +5,7 @@ loop (gan_training.py); this module is the diffusion step and its sample grids. 
 (tinyddpm/distributed.py) every process runs this same loop on its shard of each global batch;
 DistributedDataParallel averages the gradients and only rank 0 writes files.
 """
+import math
 import time
 
 import torch
@@ -20,8 +21,13 @@ from .samplers import guided, sample
 
 
 def lr_at(step, tcfg):
-    """Linear warm-up to the base rate, then constant (Ho et al.)."""
-    return tcfg.lr * min(1.0, (step + 1) / max(1, tcfg.warmup))
+    """The learning rate of optimizer step `step` (0-based): a linear warm-up to --lr, then constant (Ho et al.) or
+    a cosine decay that reaches 0 at the last step (--lr-decay cosine; the DDPM replication's schedule)."""
+    warm = min(1.0, (step + 1) / max(1, tcfg.warmup))
+    if tcfg.lr_decay == "constant" or step < tcfg.warmup:
+        return tcfg.lr * warm
+    progress = (step - tcfg.warmup) / max(1, tcfg.steps - tcfg.warmup)  # 0 after the warm-up … 1 at the end
+    return tcfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 @torch.no_grad()

@@ -1,0 +1,166 @@
+"""The training-recipe ablation of docs/recipe.md: one change per row against a base command, equal training
+images per row, each row scored by `sample.py --report` with no sampler flags.
+
+    python benchmarks/recipe_ablation.py --out runs/recipe --steps 2500 --jobs 2            # every row, two at a time
+    python benchmarks/recipe_ablation.py --out runs/recipe --rows baseline min-snr-5        # some rows
+    python benchmarks/recipe_ablation.py --out /tmp/recipe --smoke                          # toy size, seconds
+
+Each row is a real `train.py` run (its own folder under --out/runs/<row>, so an interrupted ablation resumes where
+it stopped: train.py resumes from the checkpoint) and a real `sample.py --report` (FID-1k against the class's
+1,000 test images, with the real-vs-real floor). With --jobs N > 1, N rows run side by side with one thread each
+(TINYDDPM_THREADS=1), so rows of one batch share the machine equally; the table says which. Results go to
+--out/recipe_ablation.json (every figure, command and setting) and --out/recipe_ablation.md (the table).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from tinyddpm.files import atomic_write_bytes  # noqa: E402
+
+# The README's main command; every row adds its flags to it. --preset tiny is explicit so a GPU machine measures
+# the same thing as a CPU one.
+BASE = ["--dataset", "cifar", "--class", "cat", "--preset", "tiny"]
+# name → (flags added to BASE, step multiplier at equal training *time*, why it is a candidate)
+ROWS = {
+    "baseline": ([], 1.0, "today's tiny preset"),
+    "lr-cosine": (["--lr-decay", "cosine"], 1.0, "warm-up then cosine decay to 0 (DDPM replication report)"),
+    "min-snr-5": (["--min-snr-gamma", "5"], 1.0, "min-SNR-γ weighting, γ = 5 (Hang et al. 2023)"),
+    "v-min-snr-5": (["--objective", "v", "--min-snr-gamma", "5"], 1.0, "v objective with min-SNR-γ (its v form)"),
+    "lr-2e-3": (["--lr", "2e-3"], 1.0, "twice the peak learning rate"),
+    "ema-0.9995": (["--ema-decay", "0.9995"], 1.0, "a longer EMA"),
+    "ema-0.995": (["--ema-decay", "0.995"], 1.0, "a shorter EMA"),
+    "schedule-cosine": (["--schedule", "cosine"], 1.0, "cosine noise schedule (Nichol & Dhariwal)"),
+    "attn-8": (["--attn-resolutions", "8"], 1.0, "self-attention at 8 px"),
+    "batch-64": (["--batch-size", "64"], 0.5, "batch 64 at the same images (half the steps)"),
+    "no-flip": (["--no-flip"], 1.0, "without horizontal flips"),
+}
+SMOKE_FLAGS = ["--dataset", "shapes", "--shapes-count", "64", "--image-size", "16", "--preset", "tiny",
+               "--base-channels", "8", "--channel-mults", "1", "--timesteps", "20", "--batch-size", "4",
+               "--warmup", "1", "--log-every", "1", "--sample-every", "1000", "--save-every", "1000",
+               "--grid-size", "4", "--grid-steps", "2", "--device", "cpu"]
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="folder for the runs, reports and recipe_ablation.json/.md")
+    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS) + ["combined"],
+                   help="rows to run (default all)")
+    p.add_argument("--combine", nargs="*", default=[], choices=list(ROWS),
+                   help="also run a row 'combined' with the flags of all these rows together")
+    p.add_argument("--steps", type=int, default=5000, help="training steps of a row with multiplier 1")
+    p.add_argument("--jobs", type=int, default=1, help="rows run side by side, one thread each when > 1")
+    p.add_argument("--data-dir", default="data", help="where CIFAR-10 is (downloaded there if missing)")
+    p.add_argument("--smoke", action="store_true", help="toy size: 2 steps, 8 images, no FID (seconds)")
+    return p
+
+
+def row_flags(name, args):
+    """(train.py flags, steps) of a row."""
+    if name == "combined":
+        flags = [f for r in args.combine for f in ROWS[r][0]]
+        mult = min([ROWS[r][1] for r in args.combine] or [1.0])
+    else:
+        flags, mult = ROWS[name][0], ROWS[name][1]
+    steps = 2 if args.smoke else max(1, round(args.steps * mult))
+    base = SMOKE_FLAGS if args.smoke else BASE + ["--data-dir", args.data_dir]
+    return base + flags + ["--steps", str(steps)], steps
+
+
+def smoke_reference(args):
+    """A stand-in reference for --smoke (shapes has no test split): 16 random 16-px images as a .npy array."""
+    import numpy as np
+
+    path = os.path.join(args.out, "smoke_reference.npy")
+    if not os.path.exists(path):
+        np.save(path, np.random.default_rng(0).integers(0, 256, (16, 16, 16, 3), dtype=np.uint8))
+    return path
+
+
+def commands(name, args):
+    run_dir = os.path.join(args.out, "runs", name)
+    flags, steps = row_flags(name, args)
+    train = [sys.executable, os.path.join(ROOT, "train.py")] + flags + ["--out", run_dir]
+    report = [sys.executable, os.path.join(ROOT, "sample.py"), "--ckpt", run_dir, "--out",
+              os.path.join(args.out, "reports", name)]
+    report += ["--report", "--n", "8", "--steps", "2", "--ref", smoke_reference(args)] if args.smoke else ["--report"]
+    return train, report, run_dir, steps
+
+
+def start(cmd, log_path, env):
+    log = open(log_path, "a")
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT), log
+
+
+def train_speed(run_dir):
+    """Mean img/s over the run's progress lines (log.jsonl), the first one (start-up) left out."""
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        speeds = [rec["img_per_s"] for rec in map(json.loads, f) if "img_per_s" in rec][1:]
+    return sum(speeds) / len(speeds) if speeds else float("nan")
+
+
+def run_batch(names, args):
+    """Train, then report, the rows `names` side by side; returns {name: result}."""
+    env = dict(os.environ)
+    if len(names) > 1:
+        env["TINYDDPM_THREADS"] = env["OMP_NUM_THREADS"] = "1"
+    plans = {n: commands(n, args) for n in names}
+    results = {}
+    for phase in ("train", "report"):
+        procs = {}
+        for n in names:
+            cmd = plans[n][0] if phase == "train" else plans[n][1]
+            procs[n] = (start(cmd, os.path.join(args.out, "logs", f"{n}.{phase}.log"), env), time.perf_counter())
+        for n, ((proc, log), t0) in procs.items():
+            rc = proc.wait()
+            log.close()
+            results.setdefault(n, {})[f"{phase}_wall_s"] = round(time.perf_counter() - t0, 1)
+            if rc != 0:
+                raise SystemExit(f"row {n}: {phase} failed (exit {rc}); see {args.out}/logs/{n}.{phase}.log")
+    for n in names:
+        train, report, run_dir, steps = plans[n]
+        with open(os.path.join(args.out, "reports", n, "report.json")) as f:
+            rep = json.load(f)
+        results[n].update(row=n, steps=steps, threads=1 if len(names) > 1 else "auto", side_by_side=len(names),
+                          train_cmd="python train.py " + " ".join(train[2:]),
+                          report_cmd="python sample.py " + " ".join(report[2:]),
+                          img_per_s=round(train_speed(run_dir), 1), report=rep)
+    return results
+
+
+def table(results):
+    lines = ["| row | change | steps | img/s | train min | FID-1k | floor | ratio | precision | recall |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results.values():
+        rep = r["report"]["results"][0]
+        fid, floor, ratio = (float("nan") if rep[k] is None else rep[k] for k in ("fid", "floor", "ratio"))
+        why = ROWS[r["row"]][2] if r["row"] in ROWS else "the winning rows together"
+        lines.append(f"| {r['row']} | {why} | {r['steps']} | {r['img_per_s']} | {r['train_wall_s'] / 60:.1f} | "
+                     f"{fid:.2f} | {floor:.2f} | {ratio:.2f} | {rep['precision']:.2f} | {rep['recall']:.2f} |")
+        # (--smoke has no floor: its stand-in reference has no real-vs-real split, so floor and ratio show nan)
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
+    names = list(dict.fromkeys(args.rows + (["combined"] if args.combine else [])))
+    path = os.path.join(args.out, "recipe_ablation.json")
+    results = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            results = {k: v for k, v in json.load(f).items() if k not in names}  # rerun rows are measured afresh
+    for i in range(0, len(names), args.jobs):
+        results.update(run_batch(names[i:i + args.jobs], args))
+        atomic_write_bytes(path, json.dumps(results, indent=1).encode())
+        atomic_write_bytes(os.path.join(args.out, "recipe_ablation.md"), table(results).encode())
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
