@@ -31,7 +31,9 @@ def test_tiny_model_overfits_a_few_images(tmp_path, capsys):
 
 def test_resume_equals_uninterrupted(tmp_path, capsys):
     full, split = tmp_path / "full", tmp_path / "split"
-    common = ["--save-every", "7", "--sample-every", "100", "--log-every", "5"]
+    # "Interrupted" = a shorter --steps here, so the learning rate must not depend on --steps: constant decay (a
+    # cosine decay ends at --steps, so extending a run stretches it, as its help says).
+    common = ["--save-every", "7", "--sample-every", "100", "--log-every", "5", "--lr-decay", "constant"]
     assert run_script(train, folder_flags(tmp_path, full, 20, common), capsys)[0] == 0
     assert run_script(train, folder_flags(tmp_path, split, 14, common), capsys)[0] == 0   # "interrupted" at 14
     code, _, err = run_script(train, folder_flags(tmp_path, split, 20, common), capsys)
