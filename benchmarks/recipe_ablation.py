@@ -25,7 +25,7 @@ from tinyddpm.files import atomic_write_bytes  # noqa: E402
 
 # The README's main command with the `tiny` preset as it was before the ablation (no attention, constant learning
 # rate); every row adds its flags to it (a later flag wins). --preset tiny is explicit so a GPU machine measures the
-# same thing as a CPU one. Today's preset is the row `combined` of `--combine attn-8 lr-cosine` at --steps 9000.
+# same thing as a CPU one. Today's preset is the row `combined` of `--combine attn-8 lr-cosine` at --steps 8000.
 BASE = ["--dataset", "cifar", "--class", "cat", "--preset", "tiny", "--attn-resolutions", "--lr-decay", "constant"]
 # name → (flags added to BASE, step multiplier at equal training *time*, why it is a candidate)
 ROWS = {
