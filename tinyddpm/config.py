@@ -185,9 +185,9 @@ def validate(cfg, where=None):
 
 # Named presets: only the fields that differ from the defaults above.
 PRESETS = {
-    # The CPU half-hour (docs/recipe.md): about 26 minutes on 2 idle cores (168 img/s). From the measured ablation: attention
-    # at 8 px (2 % more FLOPs) and a cosine learning-rate decay each helped at equal images; min-SNR-γ, the v
-    # objective and a wider net at equal compute did not; more steps helped most, so the preset fills the time.
+    # The CPU half-hour (docs/recipe.md): about 26 minutes on 2 idle cores (168 img/s). From the measured ablation:
+    # attention at 8 px and a cosine learning-rate decay each helped at equal images; min-SNR-γ, the v objective
+    # and a wider net at equal compute did not; more steps helped most, so the preset fills the half-hour.
     "tiny": dict(unet=dict(base_channels=32, channel_mults=(1, 1, 2), num_res_blocks=1, attn_resolutions=(8,),
                            dropout=0.0),
                  diffusion=dict(timesteps=1000),
