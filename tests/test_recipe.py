@@ -128,6 +128,20 @@ def test_bad_recipe_flags_are_one_line(tmp_path, capsys, flags, words):
     assert not (tmp_path / "r").exists()
 
 
+def test_tiny_attends_at_its_coarsest_level_at_any_size():
+    """tiny's attention follows the image size and --channel-mults (8 px at CIFAR's 32), so the README's 64-px folder
+    command still builds; an explicit --attn-resolutions wins."""
+    from tinyddpm.config import build_config, validate
+
+    cases = [({}, (8,)), (dict(data=dict(image_size=64)), (16,)), (dict(unet=dict(channel_mults=(1, 1))), (16,)),
+             (dict(unet=dict(attn_resolutions=())), ()), (dict(unet=dict(attn_resolutions=(16,))), (16,))]
+    for overrides, want in cases:
+        cfg = build_config("tiny", overrides)
+        assert cfg.unet.attn_resolutions == want, overrides
+        validate(cfg)  # the network it describes can be built
+    assert build_config("small", dict(data=dict(image_size=64))).unet.attn_resolutions == (16,)  # others: as set
+
+
 # --- the ablation driver ----------------------------------------------------------------------------------------
 def test_recipe_ablation_smoke(tmp_path):
     """Two rows side by side through real train.py and sample.py --report processes; the table has both."""

@@ -10,7 +10,7 @@ from tinyddpm.errors import UserError
 from tinyddpm.unet import Attention, UNet, count_parameters
 
 DDPM_CIFAR_PARAMS = 35.7e6  # Ho et al. (2020), Table/Appendix B; diffusers' UNet2DModel: 35,746,307
-TINY = build_config("tiny", {}).unet
+TINY = build_config("tiny", {"unet": {"attn_resolutions": ()}}).unet  # tiny without its coarsest-level attention
 # The tiny preset plus attention and two heads, on 16 px images (levels at 16, 8, 4 px): every kind of layer, fast.
 SIZE = 16
 TINY_ATTN = dataclasses.replace(TINY, attn_resolutions=(8,), num_heads=2)
