@@ -246,8 +246,11 @@ def test_a_disk_error_is_still_one_user_error(tmp_path, monkeypatch):
 
 # The child makes every fsync announce itself and then hang, so the parent's signal lands inside a write.
 CHILD = r"""
-import os, sys, time
+import os, signal, sys, time
 sys.path.insert(0, os.getcwd())
+# As in a terminal: a job that a non-interactive shell started with & inherits SIGINT *ignored* (so Python installs
+# no KeyboardInterrupt handler), which would make this test hang when the suite itself runs in the background.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 def slow_fsync(fd):
     print("writing", flush=True)

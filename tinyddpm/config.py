@@ -268,7 +268,7 @@ def build_config(preset: str, overrides: dict, model: str = "ddpm") -> RunConfig
     for layer in (PRESETS[preset], gan_layer, dataset_layer, overrides):
         for section, values in layer.items():
             d[section].update(values)
-    if preset in ATTEND_COARSEST and "attn_resolutions" not in overrides.get("unet", {}):
+    if model == "ddpm" and preset in ATTEND_COARSEST and "attn_resolutions" not in overrides.get("unet", {}):
         coarsest = d["data"]["image_size"] // 2 ** max(0, len(d["unet"]["channel_mults"]) - 1)
         d["unet"]["attn_resolutions"] = (coarsest,) if coarsest >= 1 else ()
     return RunConfig.from_dict(d)
