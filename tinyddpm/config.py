@@ -187,8 +187,8 @@ def validate(cfg, where=None):
 PRESETS = {
     # The CPU half-hour (docs/recipe.md): about 26 minutes on 2 idle cores (168 img/s). From the measured ablation:
     # attention at the coarsest level (ATTEND_COARSEST: 8 px for 32-px images) and a cosine learning-rate decay each
-    # helped at equal images; min-SNR-γ, the v objective
-    # and a wider net at equal compute did not; more steps helped most, so the preset fills the half-hour.
+    # helped at equal images; min-SNR-γ, the v objective and a wider net at equal compute did not; more steps
+    # helped most, so the preset fills the half-hour.
     "tiny": dict(unet=dict(base_channels=32, channel_mults=(1, 1, 2), num_res_blocks=1, attn_resolutions=(),
                            dropout=0.0),
                  diffusion=dict(timesteps=1000),
@@ -242,8 +242,8 @@ def user_overrides(args):
 
 # The presets are tuned for diffusion; a DCGAN keeps their length and cadence but takes the DCGAN paper's Adam
 # rate and a batch of 64 (tiny's lr 1e-3 and batch 32 are diffusion choices).
-# Its length stays at the 5,000 steps it was measured with (docs/gan.md): at batch 64 that already fills the CPU
-# half-hour, where the diffusion preset's 9,000 steps × 32 would not fit.
+# Its length stays at the 5,000 steps it was measured with (docs/gan.md: 11.7 min on 2 idle cores), not the diffusion
+# preset's 8,000; whether a longer DCGAN run is better was not measured.
 GAN_PRESET_CHANGES = {"tiny": dict(train=dict(lr=2e-4, batch_size=64, steps=5000))}
 
 
