@@ -9,7 +9,9 @@ cache), run in-process with the checkpoint loaded once; the reference's features
 "calls" is the number of model evaluations (samplers.model_calls): what a user waits for. Heun spends an odd
 number of calls (2n − 1), at most the column's. Writes sampler_table.json (every figure and setting) and
 sampler_table.md (FID-N and seconds for N images per sampler and call count) into --out, and each row's report
-(report.json, images, grid) into --out/rows/<row>/.
+(report.json, images, grid) into --out/rows/<row>/. A finished row also leaves rows/<row>/row.json, so a rerun
+with the same checkpoint and settings skips it: a long table (DDPM-1000 alone takes half an hour on 2 cores) survives
+a stop.
 """
 import argparse
 import json
@@ -82,6 +84,22 @@ def run_row(gen, base_argv, label, sampler, steps, opts, out):
     r = summary["results"][0]
     return dict(row=label, sampler=sampler, steps=summary["steps"], model_calls=calls, **opts, fid=r["fid"],
                 floor=r["floor"], ratio=r["ratio"], generate_seconds=r["generate_seconds"], n=summary["n"])
+
+
+def cached_row(folder, key, compute):
+    """compute() once per key: rows/<row>/row.json keeps the key and its result, so a rerun resumes the table."""
+    path = os.path.join(folder, "row.json")
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+        if saved.get("key") == key:
+            return saved["result"]
+    except (OSError, ValueError):
+        pass  # no finished row here yet (or a torn one): measure it
+    result = compute()
+    from tinyddpm.files import atomic_write_bytes
+    atomic_write_bytes(path, (json.dumps(dict(key=key, result=result), indent=2) + "\n").encode())
+    return result
 
 
 def markdown(results, n, calls_list):
@@ -163,7 +181,11 @@ def main(argv=None):
         for label, sampler, steps, opts in plan(args):
             name = label.replace(" ", "-") + ("" if steps is None else f"-{steps}")
             print(f"== {name}", file=sys.stderr, flush=True)
-            results.append(run_row(gen, base, label, sampler, steps, opts, os.path.join(args.out, "rows", name)))
+            folder = os.path.join(args.out, "rows", name)
+            key = dict(ckpt=os.path.abspath(args.ckpt), ckpt_size=os.path.getsize(args.ckpt),
+                       ckpt_mtime_ns=os.stat(args.ckpt).st_mtime_ns, n=args.n, sampler=sampler, steps=steps,
+                       opts=opts, report_args=extra, batch_size=args.batch_size)
+            results.append(cached_row(folder, key, lambda: run_row(gen, base, label, sampler, steps, opts, folder)))
     finally:
         inception.load_inception = real_inception
     table = markdown(results, args.n, args.calls)

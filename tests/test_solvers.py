@@ -380,3 +380,27 @@ def test_sampler_table_smoke(tmp_path, capsys):
     assert all(r["model_calls"] <= r["steps"] for r in rows if r["sampler"] != "ddpm")
     md = (tmp_path / "sampler_table.md").read_text()
     assert "| dpmpp-2m karras |" in md and "| ddpm (100 calls) |" in md and "seconds for 4 images" in md
+
+
+def test_sampler_table_resumes_finished_rows(tmp_path):
+    # A finished row is read back for the same key and measured again for any other key.
+    import importlib.util
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("sampler_table", os.path.join(root, "benchmarks", "sampler_table.py"))
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return dict(fid=float(len(calls)))
+
+    folder = str(tmp_path / "rows" / "ddim-uniform-10")
+    os.makedirs(folder)
+    assert table.cached_row(folder, dict(steps=10), compute) == dict(fid=1.0)
+    assert table.cached_row(folder, dict(steps=10), compute) == dict(fid=1.0) and len(calls) == 1
+    assert table.cached_row(folder, dict(steps=20), compute) == dict(fid=2.0) and len(calls) == 2
+    (tmp_path / "rows" / "ddim-uniform-10" / "row.json").write_text("{torn")
+    assert table.cached_row(folder, dict(steps=20), compute) == dict(fid=3.0)
