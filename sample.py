@@ -20,13 +20,17 @@ from tinyddpm.imageio import GRID_IMAGES
 from tinyddpm.report import REPORT_N
 from tinyddpm.samplers import SAMPLERS, SPACINGS
 
+DEFAULT_OUT = "samples"
+
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint (runs/<name>/ckpt.pt) or its run folder")
     p.add_argument("--n", type=int, default=None,
                    help=f"number of images (default {DEFAULT_N}; --report: {REPORT_N}; --fuse: 1 per λ)")
-    p.add_argument("--out", default="samples", help="output folder for the PNGs and grid.png")
+    p.add_argument("--out", default=None,
+                   help=f"output folder for the PNGs, grid.png and reports (default {DEFAULT_OUT}/, or {DEFAULT_OUT}-2/, "
+                        f"{DEFAULT_OUT}-3/, … if it already holds files: a second run never overwrites the first)")
     p.add_argument("--sampler", choices=SAMPLERS, default=None,
                    help=f"sampler (default {DEFAULT_SAMPLER}; with --eta, --fuse or --interpolate: {DDIM_SAMPLER})")
     p.add_argument("--steps", type=int, default=None,
@@ -115,10 +119,12 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     from tinyddpm import cond_eval, fusion, report
     from tinyddpm.devices import resolve_device
-    from tinyddpm.files import check_output_dir, removed_if_unused
+    from tinyddpm.files import check_output_dir, removed_if_unused, unused_folder
     from tinyddpm.generate import LoadedModel
 
     device = resolve_device(args.device)
+    if args.out is None:
+        args.out = unused_folder(DEFAULT_OUT)
     check_output_dir(args.out)  # a file in the way is refused before the checkpoint is read
     gen = LoadedModel(args.ckpt, device, use_ema=not args.raw)
     mode = check_args(args, gen)

@@ -193,6 +193,30 @@ def test_out_may_be_a_symlink_to_a_folder(w, tmp_path, capsys, fake_inception, m
 
 
 @pytest.mark.parametrize("mode", WRITING_MODES)
+def test_default_out_never_overwrites_an_earlier_run(w, tmp_path, capsys, fake_inception, monkeypatch, mode):
+    """Without --out, a second run writes to samples-2/ and leaves the first run's samples/ as it was."""
+    monkeypatch.chdir(tmp_path)
+    argv = [a for a in argv_for(w, mode, "unused") if a not in ("--out", "unused")]
+    assert run_script(sample, argv, capsys)[0] == 0
+    first = {p.name: p.read_bytes() for p in (tmp_path / "samples").iterdir()}
+    assert first and not (tmp_path / "samples-2").exists()
+    code, stdout, err = run_script(sample, argv, capsys)
+    assert code == 0, err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "samples").iterdir()} == first
+    assert sorted(os.listdir(tmp_path / "samples-2")) == sorted(first) and "samples-2" in stdout + err
+
+
+def test_unused_folder_skips_files_and_full_folders(tmp_path):
+    base = tmp_path / "samples"
+    assert files.unused_folder(str(base)) == str(base)
+    base.mkdir()
+    assert files.unused_folder(str(base)) == str(base)  # empty: nothing to lose
+    (base / "a.png").write_bytes(b"x")
+    (tmp_path / "samples-2").write_bytes(b"a file")
+    assert files.unused_folder(str(base)) == str(tmp_path / "samples-3")
+
+
+@pytest.mark.parametrize("mode", WRITING_MODES)
 def test_non_utf8_out_folder(w, tmp_path, capsys, fake_inception, mode):
     """A folder name that is not UTF-8 is written to, and the messages that name it print (escaped)."""
     out = os.path.join(str(tmp_path), NON_UTF8)

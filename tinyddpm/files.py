@@ -78,6 +78,16 @@ def check_output_dir(path):
     return path
 
 
+def unused_folder(base):
+    """`base` if it is missing or empty, else the first of base-2, base-3, … that is: a default output folder for
+    commands run twice (sample.py without --out), so the second run never writes over the first one's images."""
+    path, n = base, 1
+    while os.path.lexists(path) and not (os.path.isdir(path) and not os.listdir(path)):
+        n += 1
+        path = f"{base}-{n}"
+    return path
+
+
 def prepare_output_dir(path):
     """The one way an output folder is made: refuse a file in its place, create it (and its parents), and check
     it can be written. Call it after the cheap checks and before the slow work, so a bad --out fails at once and a
