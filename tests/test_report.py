@@ -35,6 +35,7 @@ class FakeInception(torch.nn.Module):
 
     def forward(self, x):
         self.seen += len(x)
+        self.largest = max(getattr(self, "largest", 0), len(x))
         top, bottom = x[..., : x.shape[-2] // 2, :], x[..., x.shape[-2] // 2:, :]
         parts = [p.mean(dim=(2, 3)) for p in (top, bottom)] + [p.std(dim=(2, 3)) for p in (top, bottom)]
         return torch.cat(parts, dim=1)
@@ -172,6 +173,18 @@ def test_gan_and_folder_models(ckpts, fake, cifar_root, tmp_path, capsys):
     assert row["floor"] is None and row["ratio"] is None and row["fid"] > 0
 
 
+def test_report_features_use_the_cpu_feature_batch(ckpts, fake, cifar_root, tmp_path, capsys):
+    """--batch-size is the sampling batch; the Inception runs at statistics.CPU_FEATURE_BATCH on a CPU (faster)."""
+    from tinyddpm.statistics import CPU_FEATURE_BATCH
+
+    n = 2 * CPU_FEATURE_BATCH + 1
+    code, out, err = run_script(sample, ["--ckpt", ckpts["gan"], "--report", "--n", str(n), "--batch-size", str(n),
+                                         "--device", "cpu", "--out", str(tmp_path / "g"), "--data-dir", cifar_root,
+                                         "--cache-dir", str(tmp_path / "c"), "--ref", f"cifar10:cat:test:{n}"], capsys)
+    assert code == 0, err
+    assert fake.largest == CPU_FEATURE_BATCH and _json(tmp_path, "g")["results"][0]["fid"] > 0
+
+
 @pytest.mark.parametrize("which, extra, says", [
     ("cat", ["--ref", "cifar10:frog:test"], "other classes"),
     ("cat", ["--ref", "cifar10:cat:train"], "train split"),
@@ -246,7 +259,7 @@ def test_fid_py_reads_dataset_references(cifar_root, tmp_path, capsys, fake):
 
 
 @pytest.mark.parametrize("mode, sampler, steps", [
-    (None, "dpmpp-2m-sde", 20), ("--report", "dpmpp-2m-sde", 20),
+    (None, "dpmpp-2m-sde", 50), ("--report", "dpmpp-2m-sde", 50),
     ("--fuse", "ddim", 100), ("--interpolate", "ddim", 100)])
 def test_default_sampler_per_mode(mode, sampler, steps):
     """Images and the report default to the sampler the FID-vs-calls table chose (docs/samplers.md); fusion and

@@ -230,7 +230,7 @@ def run(args, gen, opts):
     """sample.py --report. Returns the exit code."""
     from .inception import load_inception
     from .sources import resolve_source
-    from .statistics import Measurement, check_dimensions, default_cache_dir, features_from_uint8
+    from .statistics import Measurement, check_dimensions, default_cache_dir, feature_batch, features_from_uint8
 
     t_start = time.perf_counter()
     n = opts.n  # sampling options resolved and checked once by sample.py (REPORT_N unless --n is given)
@@ -253,7 +253,8 @@ def run(args, gen, opts):
     prepare_output_dir(args.out)  # sample.py removes it again if the report stops before writing into it
     model = load_inception(args.inception_weights, gen.device)
     check_dimensions([sources[row.ref] for row in rows], model, gen.device)
-    real = {spec: measure_reference(source, model, cache_dir, args.batch_size, gen.device, bool(args.skip_bad))
+    feat_batch = feature_batch(args.batch_size, gen.device)  # --batch-size is the sampling batch
+    real = {spec: measure_reference(source, model, cache_dir, feat_batch, gen.device, bool(args.skip_bad))
             for spec, source in sources.items()}
     settings = _settings(opts, gen)
     say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
@@ -270,7 +271,7 @@ def run(args, gen, opts):
         t_gen = time.perf_counter()
         images = generate(gen, row, opts, progress)
         gen_seconds = time.perf_counter() - t_gen
-        fake = Measurement.from_features(features_from_uint8(images, model, args.batch_size, gen.device,
+        fake = Measurement.from_features(features_from_uint8(images, model, feat_batch, gen.device,
                                                              progress=True))
         suffix = "" if len(rows) == 1 else f"_{row.label}"
         _save_array(images, os.path.join(args.out, f"report_images{suffix}.npy"))
