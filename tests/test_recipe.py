@@ -1,5 +1,6 @@
 """The recipe's training pieces (docs/recipe.md): the cosine learning-rate decay, min-SNR-γ loss weighting, their
 flags and checks, and the ablation driver's smoke run."""
+import importlib.util
 import math
 import os
 import subprocess
@@ -155,3 +156,19 @@ def test_recipe_ablation_smoke(tmp_path):
     assert "| baseline |" in md and "| min-snr-5 |" in md
     ck = torch.load(out / "runs" / "min-snr-5" / "ckpt.pt", weights_only=True)
     assert ck["config"]["diffusion"]["min_snr_gamma"] == 5.0
+
+
+def test_recipe_ablation_bases():
+    """--base picks the command the rows change: today's preset has no overrides; 'before' turns off what the first
+    ablation added (attention, cosine decay), so that table's rows still reproduce."""
+    spec = importlib.util.spec_from_file_location("recipe_ablation", os.path.join(ROOT, "benchmarks",
+                                                                                 "recipe_ablation.py"))
+    abl = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(abl)
+    for base, extra in (("preset", []), ("before", ["--attn-resolutions", "--lr-decay", "constant"])):
+        args = abl.build_parser().parse_args(["--out", "x", "--base", base, "--steps", "8000", "--data-dir", "d"])
+        flags, steps = abl.row_flags("lr-2e-3", args)
+        assert flags == abl.MAIN + extra + ["--data-dir", "d", "--lr", "2e-3", "--steps", "8000"] and steps == 8000
+    args = abl.build_parser().parse_args(["--out", "x", "--steps", "8000"])  # default: the published table's base
+    assert abl.row_flags("batch-64", args)[0][:len(abl.BASES["before"])] == abl.BASES["before"]
+    assert abl.row_flags("batch-64", args)[1] == 4000
