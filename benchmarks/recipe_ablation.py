@@ -4,6 +4,7 @@ images per row, each row scored by `sample.py --report` with the sampler the tab
 
     python benchmarks/recipe_ablation.py --out runs/recipe --steps 2500 --jobs 2            # every row, two at a time
     python benchmarks/recipe_ablation.py --out runs/recipe --rows baseline min-snr-5        # some rows
+    python benchmarks/recipe_ablation.py --out runs/recipe2 --base preset --steps 8000 --jobs 2 --rows baseline lr-2e-3
     python benchmarks/recipe_ablation.py --out /tmp/recipe --smoke                          # toy size, seconds
 
 Each row is a real `train.py` run (its own folder under --out/runs/<row>, so an interrupted ablation resumes where
@@ -31,7 +32,7 @@ from tinyddpm.files import atomic_write_bytes  # noqa: E402
 #   preset: the README's main command as it is today (its row `baseline` is the preset itself).
 MAIN = ["--dataset", "cifar", "--class", "cat", "--preset", "tiny"]
 BASES = {"before": MAIN + ["--attn-resolutions", "--lr-decay", "constant"], "preset": MAIN}
-# name → (flags added to BASE, step multiplier at equal training *time*, why it is a candidate)
+# name → (flags added to the --base command, step multiplier at equal training *time*, why it is a candidate)
 ROWS = {
     "baseline": ([], 1.0, "the base command unchanged (--base)"),
     "lr-cosine": (["--lr-decay", "cosine"], 1.0, "warm-up then cosine decay to 0 (DDPM replication report)"),
