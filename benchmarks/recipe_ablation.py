@@ -1,6 +1,7 @@
 """The training-recipe ablation of docs/recipe.md: one change per row against a base command, equal training
-images per row, each row scored by `sample.py --report` with the sampler the table was measured with
-(SDE-DPM-Solver++(2M), 20 model calls: sample.py's default then; REPORT_SAMPLING pins it so a rerun compares).
+images per row, each row scored by `sample.py --report`: with --base before, with the sampler the first table was
+measured with (SDE-DPM-Solver++(2M), 20 model calls: sample.py's default then; REPORT_SAMPLING pins it so a rerun
+compares); with --base preset, with sample.py's default sampler, as the README's report.
 
     python benchmarks/recipe_ablation.py --out runs/recipe --steps 2500 --jobs 2            # every row, two at a time
     python benchmarks/recipe_ablation.py --out runs/recipe --rows baseline min-snr-5        # some rows
@@ -48,6 +49,8 @@ ROWS = {
                          "steps (equal compute)"),
     "batch-64": (["--batch-size", "64"], 0.5, "batch 64 at the same images (half the steps)"),
     "no-flip": (["--no-flip"], 1.0, "without horizontal flips"),
+    "deep-4px": (["--channel-mults", "1", "1", "2", "2"], 1.0,
+                 "a fourth level at 4 px (64 channels); the attention moves there"),
 }
 POLL_S = 0.5
 SMOKE_FLAGS = ["--dataset", "shapes", "--shapes-count", "64", "--image-size", "16", "--preset", "tiny",
@@ -95,9 +98,10 @@ def smoke_reference(args):
     return path
 
 
-# The sampling of every row's report, pinned: docs/recipe.md's table was measured with these (sample.py's default
-# when it ran; the default is now 50 calls), so a rerun's figures compare with it.
-REPORT_SAMPLING = ["--sampler", "dpmpp-2m-sde", "--steps", "20"]
+# The sampling of every row's report, per base. 'before': pinned to what docs/recipe.md's first table was measured
+# with (sample.py's default when it ran; the default is now 50 calls), so a rerun's figures compare with it.
+# 'preset': no flags, so the report is the README's `sample.py --ckpt ... --report` as it is today.
+REPORT_SAMPLING = {"before": ["--sampler", "dpmpp-2m-sde", "--steps", "20"], "preset": []}
 
 
 def commands(name, args):
@@ -107,7 +111,7 @@ def commands(name, args):
     report = [sys.executable, os.path.join(ROOT, "sample.py"), "--ckpt", run_dir, "--out",
               os.path.join(args.out, "reports", name)]
     report += ["--report", "--n", "8", "--steps", "2", "--ref", smoke_reference(args)] if args.smoke else \
-        ["--report", *REPORT_SAMPLING]
+        ["--report", *REPORT_SAMPLING[args.base]]
     return train, report, run_dir, steps
 
 
