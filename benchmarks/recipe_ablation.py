@@ -51,6 +51,12 @@ ROWS = {
     "no-flip": (["--no-flip"], 1.0, "without horizontal flips"),
     "deep-4px": (["--channel-mults", "1", "1", "2", "2"], 1.0,
                  "a fourth level at 4 px (64 channels); the attention moves there"),
+    "scale-shift": (["--scale-shift-norm"], 1.0, "FiLM-style GroupNorm: the time embedding scales and shifts "
+                    "(Nichol & Dhariwal 2021)"),
+    "dropout-0.1": (["--dropout", "0.1"], 1.0, "dropout 0.1 in the residual blocks (DDPM's CIFAR setting)"),
+    "ema-0.9995-now": (["--ema-decay", "0.9995", "--no-ema-warmup"], 1.0,
+                       "a longer EMA from step 0 (with the warm-up, 8,000 steps end at about 0.9989 whatever the "
+                       "decay)"),
 }
 POLL_S = 0.5
 SMOKE_FLAGS = ["--dataset", "shapes", "--shapes-count", "64", "--image-size", "16", "--preset", "tiny",
