@@ -57,6 +57,10 @@ ROWS = {
     "ema-0.9995-now": (["--ema-decay", "0.9995", "--no-ema-warmup"], 1.0,
                        "a longer EMA from step 0 (with the warm-up, 8,000 steps end at about 0.9989 whatever the "
                        "decay)"),
+    # Not changes: the base again with another training seed (weights, data order, noise), to measure how far a row
+    # moves by chance alone, the yardstick for every other row's difference.
+    "seed-1": (["--seed", "1"], 1.0, "the base command with training seed 1 (the spread between seeds)"),
+    "seed-2": (["--seed", "2"], 1.0, "the base command with training seed 2 (the spread between seeds)"),
 }
 POLL_S = 0.5
 SMOKE_FLAGS = ["--dataset", "shapes", "--shapes-count", "64", "--image-size", "16", "--preset", "tiny",
