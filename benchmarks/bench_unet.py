@@ -2,9 +2,10 @@
 
 Both networks are built at the same configuration (`--config ddpm-cifar`: Ho et al.'s CIFAR-10 model, 35.7 M
 parameters each; `--config tiny`: the CPU preset, 0.76 M each) and trained on the same synthetic batch (x_t, t, noise
-all random: data loading is not measured): forward, MSE against the noise, backward, AdamW step. Per mode (fp32, bf16
-autocast, bf16 autocast + torch.compile) it reports training img/s, peak memory (CUDA), achieved TFLOP/s and MFU
-(FLOPs of one training step counted with torch.utils.flop_counter.FlopCounterMode, divided by --peak-tflops), and
+all random: data loading is not measured): forward, MSE against the noise, backward, AdamW step. Per mode (fp32,
+fp32 + torch.compile, bf16 autocast, bf16 autocast + torch.compile) it reports training img/s, peak memory (CUDA),
+achieved TFLOP/s and MFU (FLOPs of one training step counted with torch.utils.flop_counter.FlopCounterMode, divided
+by --peak-tflops), and
 sampling speed: model forwards on --sample-batch images (default: the report's batch, sample.py --batch-size) under
 inference_mode, in image-steps/s (one image through one denoising step).
 
@@ -51,8 +52,11 @@ from tinyddpm.files import atomic_write_bytes  # noqa: E402
 from tinyddpm.cpu import configure as configure_cpu  # noqa: E402
 from tinyddpm.unet import UNet, count_parameters, norm_groups  # noqa: E402
 
-MODES = ("fp32", "bf16", "bf16-compile")
-CPU_MODES = ("fp32",)  # the CPU goal is fp32; bf16 and compile are GPU modes (use --modes to try them on a CPU)
+MODES = ("fp32", "fp32-compile", "bf16", "bf16-compile")
+# The CPU goal is fp32 eager, the training loop's CPU default. fp32-compile is the training loop's --compile on a
+# CPU (docs/speed.md: slower there, after a long compilation); bf16 modes are for a GPU. --modes tries any of them.
+CPU_MODES = ("fp32",)
+GPU_MODES = ("fp32", "bf16", "bf16-compile")  # the GPU evidence's modes (benchmarks/gpu_sections.py)
 SYSTEMS = ("tinyddpm", "diffusers", "diffusers-cl")
 REPORT_SAMPLE_BATCH = 256  # sample.py --batch-size: the batch `sample.py --report` generates with
 CONFIGS = ("ddpm-cifar", "tiny")
@@ -73,7 +77,8 @@ def build_parser():
     p.add_argument("--warmup", type=int, default=5, help="untimed iterations first (includes compilation)")
     p.add_argument("--repeats", type=int, default=3, help="measurements per system and mode (median reported)")
     p.add_argument("--modes", nargs="+", choices=MODES,
-                   help=f"precision / compilation modes (default: all on CUDA, {' '.join(CPU_MODES)} on a CPU)")
+                   help=f"precision / compilation modes (default: {' '.join(GPU_MODES)} on CUDA, {' '.join(CPU_MODES)} "
+                   "on a CPU)")
     p.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS,
                    help="the device's peak TFLOP/s for MFU (default: H100 bf16 dense)")
     p.add_argument("--json", metavar="OUT", help="also write every figure to this JSON file")
@@ -175,7 +180,7 @@ def count_train_flops(system, cfg, args, device):
 
 def measure(system, mode, cfg, args, device, flops_per_step):
     """Training and sampling speed of one system in one mode: a dict of figures."""
-    bf16, compile_ = mode != "fp32", mode == "bf16-compile"
+    bf16, compile_ = mode.startswith("bf16"), mode.endswith("-compile")
     memory_format = input_format(system)
     torch.manual_seed(0)
     model = make_model(system, cfg).to(device)  # .to keeps each parameter's layout
@@ -270,7 +275,7 @@ def main(argv=None):
         raise UserError("--device cuda but this torch sees no CUDA GPU; pass --device cpu")
     if args.json and os.path.isdir(args.json):
         raise UserError(f"--json {args.json} is a folder; pass a file path such as {args.json}/bench_unet.json")
-    modes = args.modes or list(MODES if device.type == "cuda" else CPU_MODES)
+    modes = args.modes or list(GPU_MODES if device.type == "cuda" else CPU_MODES)
     cfg = build_config(args.config, {}).unet
 
     version = diffusers_version()

@@ -168,3 +168,13 @@ def test_shapes_are_not_flipped_by_default():
     assert build_config("tiny", {"data": {"dataset": "shapes", "flip": True}}).data.flip is True
     assert build_config("tiny", {"data": {"dataset": "cifar"}}).data.flip is True
     assert build_config("tiny", {}).data.flip is True  # cifar is the default dataset
+
+
+def test_shapes_models_use_scale_shift_norm_by_default():
+    """FiLM conditioning is the shapes default (docs/recipe.md, fourth round); other data keep the added embedding,
+    and the user's flag wins either way."""
+    from tinyddpm.config import build_config
+    assert build_config("tiny", {"data": {"dataset": "shapes"}}).unet.scale_shift_norm is True
+    assert build_config("tiny", {"data": {"dataset": "cifar"}}).unet.scale_shift_norm is False
+    off = {"data": {"dataset": "shapes"}, "unet": {"scale_shift_norm": False}}
+    assert build_config("tiny", off).unet.scale_shift_norm is False
