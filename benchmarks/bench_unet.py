@@ -54,7 +54,7 @@ from tinyddpm.unet import UNet, count_parameters, norm_groups  # noqa: E402
 
 MODES = ("fp32", "fp32-compile", "bf16", "bf16-compile")
 # The CPU goal is fp32 eager, the training loop's CPU default. fp32-compile is the training loop's --compile on a
-# CPU (docs/speed.md: two measurements that disagree); bf16 modes are for a GPU. --modes tries any of them.
+# CPU (docs/speed.md: 0.84× eager for training there); bf16 modes are for a GPU. --modes tries any of them.
 CPU_MODES = ("fp32",)
 GPU_MODES = ("fp32", "bf16", "bf16-compile")  # the GPU evidence's modes (benchmarks/gpu_sections.py)
 SYSTEMS = ("tinyddpm", "diffusers", "diffusers-cl")
