@@ -110,3 +110,15 @@ def test_ratios_are_medians_against_the_faster_diffusers_layout():
     assert (ours["system"], ours["train_img_s"], ours["sample_img_steps_s"], ours["repeats"]) == \
         ("tinyddpm", 40.0, 400.0, 3)
     assert ours["train_vs_diffusers"] == 2.0 and ours["sample_vs_diffusers"] == 2.0  # peers: cl train, NCHW sample
+
+
+def test_gpu_default_modes_are_the_gpu_evidence_modes(monkeypatch):
+    """A CUDA run's default modes are the ones benchmarks/gpu_sections.py tabulates; fp32-compile (a CPU question)
+    is only run when asked for with --modes."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))  # gpu_sections imports bench_unet by name
+    spec2 = importlib.util.spec_from_file_location("gpu_sections",
+                                                   os.path.join(ROOT, "benchmarks", "gpu_sections.py"))
+    sections = importlib.util.module_from_spec(spec2)
+    spec2.loader.exec_module(sections)
+    assert tuple(bench.GPU_MODES) == tuple(sections.MODES)
+    assert "fp32-compile" in bench.MODES and "fp32-compile" not in bench.GPU_MODES
