@@ -48,6 +48,7 @@ ROWS = {
                          "twice the channels at 16 and 8 px, attention at 8 px; 1.6× tiny's FLOPs, so 0.63× the "
                          "steps (equal compute)"),
     "batch-64": (["--batch-size", "64"], 0.5, "batch 64 at the same images (half the steps)"),
+    "batch-16": (["--batch-size", "16"], 2.0, "batch 16 at the same images (twice the steps)"),
     "no-flip": (["--no-flip"], 1.0, "without horizontal flips"),
     "deep-4px": (["--channel-mults", "1", "1", "2", "2"], 1.0,
                  "a fourth level at 4 px (64 channels); the attention moves there"),

@@ -172,6 +172,7 @@ def test_recipe_ablation_bases():
     args = abl.build_parser().parse_args(["--out", "x", "--steps", "8000"])  # default: the published table's base
     assert abl.row_flags("batch-64", args)[0][:len(abl.BASES["before"])] == abl.BASES["before"]
     assert abl.row_flags("batch-64", args)[1] == 4000
+    assert abl.row_flags("batch-16", args)[0][-4:] == ["--batch-size", "16", "--steps", "16000"]  # same images
     # the report: 'before' pins the first table's 20-call sampler; 'preset' is the README's report, no sampler flags
     for base, sampling in (("before", ["--sampler", "dpmpp-2m-sde", "--steps", "20"]), ("preset", [])):
         args = abl.build_parser().parse_args(["--out", "x", "--base", base])
