@@ -50,6 +50,9 @@ ROWS = {
     "batch-64": (["--batch-size", "64"], 0.5, "batch 64 at the same images (half the steps)"),
     "batch-16": (["--batch-size", "16"], 2.0, "batch 16 at the same images (twice the steps)"),
     "no-flip": (["--no-flip"], 1.0, "without horizontal flips"),
+    "shift-16": (["--base-channels", "16", "--channel-mults", "1", "4", "4"], 1.0,
+                 "half the channels at 32 px (16), twice at 16 px (64), the same at 8 px: about the same FLOPs and "
+                 "img/s, the capacity moved to 16 px"),
     "deep-4px": (["--channel-mults", "1", "1", "2", "2"], 1.0,
                  "a fourth level at 4 px (64 channels); the attention moves there"),
     "scale-shift": (["--scale-shift-norm"], 1.0, "FiLM-style GroupNorm: the time embedding scales and shifts "

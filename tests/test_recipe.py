@@ -158,13 +158,19 @@ def test_recipe_ablation_smoke(tmp_path):
     assert ck["config"]["diffusion"]["min_snr_gamma"] == 5.0
 
 
-def test_recipe_ablation_bases():
-    """--base picks the command the rows change: today's preset has no overrides; 'before' turns off what the first
-    ablation added (attention, cosine decay), so that table's rows still reproduce."""
+def _ablation_module():
     spec = importlib.util.spec_from_file_location("recipe_ablation", os.path.join(ROOT, "benchmarks",
                                                                                  "recipe_ablation.py"))
     abl = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(abl)
+    return abl
+
+
+
+def test_recipe_ablation_bases():
+    """--base picks the command the rows change: today's preset has no overrides; 'before' turns off what the first
+    ablation added (attention, cosine decay), so that table's rows still reproduce."""
+    abl = _ablation_module()
     for base, extra in (("preset", []), ("before", ["--attn-resolutions", "--lr-decay", "constant"])):
         args = abl.build_parser().parse_args(["--out", "x", "--base", base, "--steps", "8000", "--data-dir", "d"])
         flags, steps = abl.row_flags("lr-2e-3", args)
@@ -177,3 +183,25 @@ def test_recipe_ablation_bases():
     for base, sampling in (("before", ["--sampler", "dpmpp-2m-sde", "--steps", "20"]), ("preset", [])):
         args = abl.build_parser().parse_args(["--out", "x", "--base", base])
         assert abl.commands("deep-4px", args)[1][-len(sampling) - 1:] == ["--report", *sampling]
+
+
+@pytest.mark.parametrize("base", ["before", "preset"])
+def test_every_ablation_row_builds_its_network(base):
+    """Each row's train.py flags parse, pass the config checks and build a U-Net that runs one forward pass, so
+    a typo or a width GroupNorm cannot split fails here and not an hour into a row (shift-16: 16 channels at
+    32 px, 64 at 16 and 8 px)."""
+    from tinyddpm.config import build_config, user_overrides
+    from tinyddpm.models import build_unet
+
+    abl = _ablation_module()
+    for name in abl.ROWS:
+        args = abl.build_parser().parse_args(["--out", "x", "--base", base, "--steps", "8000"])
+        flags, _ = abl.row_flags(name, args)
+        targs = train.build_parser().parse_args(flags)
+        cfg = build_config(targs.preset, user_overrides(targs), model=targs.model)
+        net = build_unet(cfg, {"kind": "none", "names": []}).eval()
+        x = torch.zeros(1, 3, cfg.data.image_size, cfg.data.image_size)
+        with torch.no_grad():
+            assert net(x, torch.zeros(1, dtype=torch.long)).shape == x.shape, name
+    assert abl.row_flags("shift-16", args)[0][-8:] == ["--base-channels", "16", "--channel-mults", "1", "4", "4",
+                                                       "--steps", "8000"]
