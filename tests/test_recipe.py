@@ -166,7 +166,6 @@ def _ablation_module():
     return abl
 
 
-
 def test_recipe_ablation_bases():
     """--base picks the command the rows change: today's preset has no overrides; 'before' turns off what the first
     ablation added (attention, cosine decay), so that table's rows still reproduce."""
