@@ -193,8 +193,8 @@ def test_every_ablation_row_builds_its_network(base):
     from tinyddpm.models import build_unet
 
     abl = _ablation_module()
+    args = abl.build_parser().parse_args(["--out", "x", "--base", base, "--steps", "8000"])
     for name in abl.ROWS:
-        args = abl.build_parser().parse_args(["--out", "x", "--base", base, "--steps", "8000"])
         flags, _ = abl.row_flags(name, args)
         targs = train.build_parser().parse_args(flags)
         cfg = build_config(targs.preset, user_overrides(targs), model=targs.model)
