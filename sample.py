@@ -14,8 +14,8 @@ import sys
 import numpy as np
 
 from tinyddpm.errors import UserError, run_cli
-from tinyddpm.generate import (DDIM_SAMPLER, DEFAULT_BATCH, DEFAULT_DDIM_STEPS, DEFAULT_N, DEFAULT_SAMPLER,
-                               DEFAULT_STEPS, SamplingOptions)
+from tinyddpm.generate import (DDIM_SAMPLER, DEFAULT_AUTOGUIDANCE, DEFAULT_BATCH, DEFAULT_DDIM_STEPS, DEFAULT_N,
+                               DEFAULT_SAMPLER, DEFAULT_STEPS, SamplingOptions)
 from tinyddpm.imageio import GRID_IMAGES
 from tinyddpm.report import REPORT_N
 from tinyddpm.samplers import SAMPLERS, SPACINGS
@@ -40,6 +40,10 @@ def build_parser():
     p.add_argument("--spacing", choices=SPACINGS, default=None,
                    help="the solvers' noise levels: uniform in t (default) or karras (docs/samplers.md)")
     p.add_argument("--churn", type=float, default=None, help="heun only: EDM's S_churn (default 0, the plain ODE)")
+    p.add_argument("--autoguidance", type=float, default=None,
+                   help=f"autoguidance w: the final weights pushed away from the early snapshot train.py keeps; 1 = "
+                        f"off (default {DEFAULT_AUTOGUIDANCE} when the checkpoint has a snapshot, else 1; "
+                        f"--fuse/--interpolate: 1)")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i (0 … 2**63 − 1)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="images per forward pass")
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
@@ -56,7 +60,7 @@ def build_parser():
     return p
 
 
-DIFFUSION_ONLY = ("sampler", "steps", "eta", "cfg_scale", "spacing", "churn")
+DIFFUSION_ONLY = ("sampler", "steps", "eta", "cfg_scale", "spacing", "churn", "autoguidance")
 
 
 def pick_mode(args):
@@ -107,12 +111,18 @@ def sampling_options(args, gen, mode):
     }.get(mode, (DEFAULT_SAMPLER, DEFAULT_STEPS))
     if args.eta is not None and args.sampler is None:  # η is DDIM's alone: `--eta 1` keeps meaning DDIM, as it did
         default_sampler, default_steps = DDIM_SAMPLER, DEFAULT_DDIM_STEPS
+    # Fusion and interpolation keep the plain model by default: their figures and docs are plain DDIM's.
+    if args.autoguidance is None:
+        autoguidance = 1.0 if mode in ("--fuse", "--interpolate") else gen.default_autoguidance()
+    else:
+        autoguidance = args.autoguidance
     return SamplingOptions(
         n=default_n if args.n is None else args.n, seed=args.seed, batch_size=args.batch_size,
         sampler=args.sampler or default_sampler, steps=default_steps if args.steps is None else args.steps,
         eta=0.0 if args.eta is None else args.eta, cfg_scale=1.0 if args.cfg_scale is None else args.cfg_scale,
         clip_x0=not args.no_clip, spacing=args.spacing or "uniform", churn=0.0 if args.churn is None else args.churn,
-    ).check(None if gen.diffusion is None else gen.diffusion.num_timesteps)
+        autoguidance=autoguidance,
+    ).check(None if gen.diffusion is None else gen.diffusion.num_timesteps, gen)
 
 
 def main(argv=None):

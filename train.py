@@ -55,6 +55,8 @@ def train_from_args(args, device):
     if cfg.model == "dcgan":
         if args.skip_nonfinite:
             raise UserError("--skip-nonfinite applies to diffusion training only; drop it for --model dcgan")
+        if "guide_at" in overrides.get("train", {}):
+            raise UserError("--guide-at keeps a snapshot for diffusion sampling only; drop it for --model dcgan")
         if distributed.world_size() > 1:
             raise UserError("--model dcgan trains in one process only; run it with python, not torchrun")
         from tinyddpm.gan_training import train_gan

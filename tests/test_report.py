@@ -17,7 +17,7 @@ from tests.helpers import MICRO_FLAGS, assert_user_error, make_image_folder, run
 from tinyddpm import data as data_mod
 from tinyddpm import report, sources
 from tinyddpm.errors import run_cli
-from tinyddpm.generate import DEFAULT_SAMPLER
+from tinyddpm.generate import DEFAULT_AUTOGUIDANCE, DEFAULT_SAMPLER
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.load:DeprecationWarning")
 
@@ -110,7 +110,9 @@ def test_report_fields_floor_splits_and_cache(ckpts, fake, cifar_root, tmp_path,
         want = frechet_distance(*statistics_from_features(feats(floor)), *statistics_from_features(feats(ref)))
     assert row["floor"] == pytest.approx(want, rel=1e-9)
     md = (tmp_path / "rep" / "report.md").read_text()
-    assert md.count("\n") == 3 and f"| {DEFAULT_SAMPLER} 2 |" in md and "cifar10:cat:test:8" in md and "|" in out
+    # The tiny preset keeps an autoguidance snapshot (here after the run's only step), so the default uses it.
+    how = f"| {DEFAULT_SAMPLER} 2, autoguidance {DEFAULT_AUTOGUIDANCE:g} (step 1) |"
+    assert md.count("\n") == 3 and how in md and "cifar10:cat:test:8" in md and "|" in out
     images = np.load(tmp_path / "rep" / "report_images.npy")
     assert images.shape == (N, 32, 32, 3) and images.dtype == np.uint8
     assert (tmp_path / "rep" / "report_grid.png").is_file()
@@ -258,18 +260,22 @@ def test_fid_py_reads_dataset_references(cifar_root, tmp_path, capsys, fake):
     assert_user_error(code, err, "only 5000")
 
 
-@pytest.mark.parametrize("mode, sampler, steps", [
-    (None, "dpmpp-2m-sde", 50), ("--report", "dpmpp-2m-sde", 50),
-    ("--fuse", "ddim", 100), ("--interpolate", "ddim", 100)])
-def test_default_sampler_per_mode(mode, sampler, steps):
-    """Images and the report default to the sampler the FID-vs-calls table chose (docs/samplers.md); fusion and
-    interpolation keep deterministic DDIM (interpolation must invert exactly). Flags still override."""
+@pytest.mark.parametrize("mode, sampler, steps, autoguidance", [
+    (None, "dpmpp-2m-sde", 50, DEFAULT_AUTOGUIDANCE), ("--report", "dpmpp-2m-sde", 50, DEFAULT_AUTOGUIDANCE),
+    ("--fuse", "ddim", 100, 1.0), ("--interpolate", "ddim", 100, 1.0)])
+def test_default_sampler_per_mode(mode, sampler, steps, autoguidance):
+    """Images and the report default to the sampler the FID-vs-calls table chose (docs/samplers.md) and, with a
+    checkpoint that has a snapshot, to autoguidance; fusion and interpolation keep deterministic, plain DDIM
+    (interpolation must invert exactly). Flags still override."""
     from types import SimpleNamespace
 
     args = sample.build_parser().parse_args(["--ckpt", "x"])
-    gen = SimpleNamespace(diffusion=SimpleNamespace(num_timesteps=1000))
+    gen = SimpleNamespace(diffusion=SimpleNamespace(num_timesteps=1000),
+                          default_autoguidance=lambda: DEFAULT_AUTOGUIDANCE, check_autoguidance=lambda w: None)
     opts = sample.sampling_options(args, gen, mode)
-    assert (opts.sampler, opts.steps, opts.eta) == (sampler, steps, 0.0)
+    assert (opts.sampler, opts.steps, opts.eta, opts.autoguidance) == (sampler, steps, 0.0, autoguidance)
+    args = sample.build_parser().parse_args(["--ckpt", "x", "--autoguidance", "1.5"])
+    assert sample.sampling_options(args, gen, mode).autoguidance == 1.5
     args = sample.build_parser().parse_args(["--ckpt", "x", "--eta", "1"])  # η is DDIM's: it implies ddim
     assert sample.sampling_options(args, gen, mode).sampler == "ddim"
     args = sample.build_parser().parse_args(["--ckpt", "x", "--sampler", "ddim", "--steps", "7"])

@@ -34,3 +34,28 @@ class EMA:
 
     def load_state_dict(self, state):
         self.model.load_state_dict(state)
+
+
+class Snapshot:
+    """The EMA weights as they were after one training step, kept for autoguidance (samplers.autoguided): the
+    "bad version" of the final model, which sampling pushes away from. Empty until `take`.
+
+    Stored in the checkpoint under models["guide"] as {"step": int, "weights": state_dict}, or {} before it is
+    taken. A checkpoint from before snapshots existed has no entry; `optional` tells the run to accept that."""
+    optional = True
+
+    def __init__(self):
+        self.state = {}
+
+    def take(self, ema: EMA, step: int):
+        self.state = dict(step=step, weights={k: v.detach().clone() for k, v in ema.state_dict().items()})
+
+    @property
+    def taken(self):
+        return bool(self.state)
+
+    def state_dict(self):
+        return self.state
+
+    def load_state_dict(self, state):
+        self.state = dict(state or {})

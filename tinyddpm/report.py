@@ -215,7 +215,8 @@ def _settings(opts, gen):
         return dict(sampler=None, steps=None, eta=None, cfg_scale=None)
     return dict(sampler=opts.sampler, steps=gen.diffusion.num_timesteps if opts.sampler == "ddpm" else opts.steps,
                 eta=opts.eta, cfg_scale=None if gen.labels["kind"] == "none" else opts.cfg_scale,
-                spacing=opts.spacing, churn=opts.churn)
+                spacing=opts.spacing, churn=opts.churn, autoguidance=opts.autoguidance,
+                guide_step=gen.guide_step if opts.autoguidance != 1.0 else None)
 
 
 def generate(gen, row, opts, progress):
@@ -329,6 +330,8 @@ def markdown(summary):
         + (f", η = {summary['eta']:g}" if summary["sampler"] == "ddim" and summary["eta"] else "")
         + (f", {summary['spacing']} spacing" if summary.get("spacing") not in (None, "uniform") else "")
         + (f", churn {summary['churn']:g}" if summary.get("churn") else "")
+        + (f", autoguidance {summary['autoguidance']:g} (step {summary['guide_step']})"
+           if summary.get("autoguidance", 1.0) != 1.0 else "")
         + ("" if summary["cfg_scale"] is None else f", w = {summary['cfg_scale']:g}"))
     lines = ["| checkpoint | step | sampling | condition | N | reference | FID | floor | FID / floor "
              "| KID ×1e3 | floor KID ×1e3 | precision (floor) | recall (floor) | memorised: Inception / pixels "

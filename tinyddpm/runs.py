@@ -280,7 +280,8 @@ class Run:
         self._check_belongs(ckpt)
         try:
             for name, m in self.models.items():
-                m.load_state_dict(ckpt["models"][name])
+                # An optional entry (ema.Snapshot) may be missing from a checkpoint written before it existed.
+                m.load_state_dict(ckpt["models"].get(name) if getattr(m, "optional", False) else ckpt["models"][name])
             for name, opt in self.optimizers.items():
                 opt.load_state_dict(ckpt["optimizers"][name])
                 _check_optimizer_state(opt)

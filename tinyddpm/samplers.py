@@ -310,6 +310,25 @@ def guided(model, cond=None, drop=None, cfg_scale=1.0):
     return fn
 
 
+def autoguided(good, bad, w):
+    """A model_fn for autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad version of itself"):
+    out = out_bad + w·(out_good − out_bad), where `bad` is the same network earlier in its training.
+
+    Both are model_fns (e.g. from `guided`). The pair's difference points away from the errors the young model
+    makes and the final one has partly outgrown. w = 1 is the good model alone. As in `guided`, only the mean part
+    is pushed; a learned variance comes from the good model."""
+    if w == 1.0:
+        return good
+
+    def fn(x, t):
+        out_g, out_b = good(x, t), bad(x, t)
+        c = x.shape[1]
+        mean = out_b[:, :c] + w * (out_g[:, :c] - out_b[:, :c])
+        return torch.cat([mean, out_g[:, c:]], dim=1)
+
+    return fn
+
+
 # --- one entry point for every caller (sample.py, fusion, the report, --eval-labels, training grids) -------------
 SAMPLERS = ("ddim", "ddpm", "dpmpp-2m", "dpmpp-2m-sde", "heun")
 

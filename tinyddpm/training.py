@@ -13,7 +13,7 @@ import torch
 from . import data as data_mod
 from . import distributed as dist
 from .devices import autocast
-from .ema import EMA
+from .ema import EMA, Snapshot
 from .imageio import make_grid, save_png, to_pixels
 from .models import build_diffusion, build_unet, grid_condition
 from .runs import Run, StopSignals, say, throughput
@@ -69,16 +69,22 @@ def train(cfg, out, device, log=say, skip_nonfinite=False):
     model = build_unet(cfg, data.label_info).to(device)
     torch.manual_seed(tcfg.seed + rank)  # dropout: each process its own masks (the weights above are identical)
     diffusion = build_diffusion(cfg)
-    ema = EMA(model, tcfg.ema_decay, tcfg.ema_warmup)
+    ema, guide = EMA(model, tcfg.ema_decay, tcfg.ema_warmup), Snapshot()
     fused = dict(fused=True) if device.type == "cuda" else dict(foreach=True)
     opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay, **fused)
-    with run.begin(dict(model=model, ema=ema), dict(opt=opt)) as step, StopSignals() as signals:
-        _loop(run, step, signals, model, ema, opt, diffusion, data, log)
+    with run.begin(dict(model=model, ema=ema, guide=guide), dict(opt=opt)) as step, StopSignals() as signals:
+        _loop(run, step, signals, model, ema, guide, opt, diffusion, data, log)
     return run
 
 
-def _loop(run, step, signals, model, ema, opt, diffusion, data, log):
+def guide_step(tcfg):
+    """The step after which the EMA weights are kept as the autoguidance model (ema.Snapshot), or None."""
+    return max(1, round(tcfg.guide_at * tcfg.steps)) if tcfg.guide_at > 0 else None
+
+
+def _loop(run, step, signals, model, ema, guide, opt, diffusion, data, log):
     cfg, device, tcfg, guard = run.cfg, run.device, run.cfg.train, run.guard
+    keep_at = guide_step(tcfg)
     world, rank, skip_nonfinite = dist.world_size(), dist.rank(), guard.skip
     nparams = sum(p.numel() for p in model.parameters())
     procs = f" × {world} processes" if world > 1 else ""
@@ -126,6 +132,11 @@ def _loop(run, step, signals, model, ema, opt, diffusion, data, log):
             n_updates += 1
         step += 1
         n_since += 1
+        if step == keep_at and not guide.taken:
+            # Only at this step: a run resumed past it without one (an older checkpoint, a changed --guide-at)
+            # gets no snapshot rather than one of another age.
+            guide.take(ema, step)
+            log(f"kept the EMA weights of step {step} as the autoguidance model")
 
         report, grid, save, stop = run.due(step, signals)
         if report:

@@ -1,0 +1,145 @@
+"""Autoguidance: the early EMA snapshot train.py keeps (ema.Snapshot), the guided model function
+(samplers.autoguided), sample.py's default and every refusal."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sample
+import train
+from tests.helpers import MICRO_FLAGS, assert_user_error, make_image_folder, run_script
+from tinyddpm.checkpoint import load_checkpoint
+from tinyddpm.config import GUIDE_AT, build_config
+from tinyddpm.errors import run_cli
+from tinyddpm.files import atomic_torch_save
+from tinyddpm.generate import DEFAULT_AUTOGUIDANCE, LoadedModel
+from tinyddpm.samplers import autoguided
+
+CPU = torch.device("cpu")
+
+
+def run_flags(tmp_path, out, steps, extra=()):
+    data = make_image_folder(str(tmp_path / "imgs"))
+    # A constant learning rate, so a shorter run's weights are a longer run's weights at that step.
+    return ["--dataset", "folder", "--data-dir", data, "--image-size", "16", "--out", str(out), "--steps", str(steps),
+            "--lr-decay", "constant", "--sample-every", "1000", "--save-every", "1000", *MICRO_FLAGS, *extra]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """An 8-step run that keeps its snapshot after step 4, and a 4-step run of the same seed."""
+    tmp = tmp_path_factory.mktemp("ag")
+    long, short = tmp / "long", tmp / "short"
+    assert run_cli(train.main, run_flags(tmp, long, 8, ["--guide-at", "0.5"])) == 0
+    assert run_cli(train.main, run_flags(tmp, short, 4, ["--guide-at", "0"])) == 0
+    return tmp, long / "ckpt.pt", short / "ckpt.pt"
+
+
+def test_autoguided_is_bad_plus_w_times_the_difference():
+    good = lambda x, t: torch.cat([x * 3.0, x + 7.0], 1)   # [B, 2C]: mean part, then a "learned variance" part
+    bad = lambda x, t: torch.cat([x * 1.0, x - 5.0], 1)
+    x, t = torch.randn(2, 3, 4, 4), torch.zeros(2, dtype=torch.long)
+    assert autoguided(good, bad, 1.0) is good                                  # w = 1: the good model alone
+    out = autoguided(good, bad, 2.5)(x, t)
+    assert torch.allclose(out[:, :3], x * 1.0 + 2.5 * (x * 3.0 - x * 1.0))    # bad + w·(good − bad)
+    assert torch.allclose(out[:, 3:], x + 7.0)                                 # the variance is the good model's
+    assert torch.allclose(autoguided(good, bad, 0.0)(x, t)[:, :3], x)          # w = 0: the bad model's mean
+
+
+def test_the_snapshot_is_the_ema_of_its_step(runs):
+    _, long, short = runs
+    a, b = load_checkpoint(long), load_checkpoint(short)
+    assert a["step"] == 8 and a["models"]["guide"]["step"] == 4
+    assert b["models"]["guide"] == {}                                          # --guide-at 0 keeps none
+    for k, v in b["models"]["ema"].items():
+        assert torch.equal(a["models"]["guide"]["weights"][k], v), k
+    assert any(not torch.equal(a["models"]["ema"][k], v) for k, v in b["models"]["ema"].items())  # 4 steps on
+
+
+def test_model_fn_combines_the_two_networks(runs):
+    _, long, _ = runs
+    gen = LoadedModel(str(long), CPU)
+    assert gen.guide is not None and gen.guide_step == 4 and gen.default_autoguidance() == DEFAULT_AUTOGUIDANCE
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 60])
+    with torch.no_grad():
+        want = gen.guide(x, t) + 3.0 * (gen.model(x, t) - gen.guide(x, t))
+        assert torch.allclose(gen.model_fn(None, 1.0, 3.0)(x, t), want, atol=1e-5)
+        assert torch.equal(gen.model_fn(None, 1.0, 1.0)(x, t), gen.model(x, t))
+    plain, guided_ = gen.images([0, 1], steps=3), gen.images([0, 1], steps=3, autoguidance=DEFAULT_AUTOGUIDANCE)
+    assert not np.array_equal(plain, guided_)
+
+
+def test_sample_py_autoguides_by_default_and_says_so_in_the_report_settings(runs, capsys):
+    tmp, long, _ = runs
+    out = tmp / "s-default"
+    code, _, err = run_script(sample, ["--ckpt", str(long), "--n", "2", "--steps", "3", "--out", str(out),
+                                       "--device", "cpu"], capsys)
+    assert code == 0, err
+    gen = LoadedModel(str(long), CPU)
+    for autoguidance, same in ((DEFAULT_AUTOGUIDANCE, True), (1.0, False)):
+        want = gen.images([0, 1], steps=3, autoguidance=autoguidance)
+        got = np.stack([np.asarray(Image.open(out / f"00000{i}.png")) for i in range(2)])
+        assert np.array_equal(got, want) == same, autoguidance
+    code, _, err = run_script(sample, ["--ckpt", str(long), "--n", "2", "--steps", "3", "--out", str(tmp / "s-off"),
+                                       "--autoguidance", "1", "--device", "cpu"], capsys)
+    assert code == 0, err
+    got = np.stack([np.asarray(Image.open(tmp / "s-off" / f"00000{i}.png")) for i in range(2)])
+    assert np.array_equal(got, gen.images([0, 1], steps=3))
+
+
+def test_a_checkpoint_without_snapshot_samples_plainly_and_refuses_the_flag(runs, capsys):
+    tmp, _, short = runs
+    gen = LoadedModel(str(short), CPU)
+    assert gen.guide is None and gen.default_autoguidance() == 1.0
+    out = tmp / "s-short"
+    code, _, err = run_script(sample, ["--ckpt", str(short), "--n", "1", "--steps", "2", "--out", str(out),
+                                       "--autoguidance", "2", "--device", "cpu"], capsys)
+    assert_user_error(code, err, "--autoguidance 2", "no", "drop --autoguidance")
+    assert not out.exists()
+    with pytest.raises(Exception, match="early snapshot"):
+        gen.images([0], steps=2, autoguidance=2.0)
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--autoguidance", "-1"], ["autoguidance"]),
+    (["--autoguidance", "2", "--bpd"], ["--autoguidance", "--bpd"]),
+])
+def test_sample_refusals(runs, capsys, flags, words):
+    tmp, long, _ = runs
+    code, _, err = run_script(sample, ["--ckpt", str(long), "--out", str(tmp / "refused"), "--device", "cpu",
+                                       *flags], capsys)
+    assert_user_error(code, err, *words)
+    assert not (tmp / "refused").exists()
+
+
+def test_an_older_checkpoint_without_the_entry_resumes_and_samples(runs, capsys):
+    tmp, long, _ = runs
+    old_run = tmp / "old"
+    os.makedirs(old_run)
+    ck = load_checkpoint(long)
+    del ck["models"]["guide"], ck["run_config"]
+    ck["config"]["train"].pop("guide_at")      # as an older tinyddpm wrote it
+    atomic_torch_save(ck, old_run / "ckpt.pt")
+    assert LoadedModel(str(old_run), CPU).guide is None
+    code, _, err = run_script(train, run_flags(tmp, old_run, 10, ["--guide-at", "0.5"]), capsys)
+    assert code == 0 and "resuming" in err, err
+    # Resumed past the snapshot's step (5 of 10): no snapshot of another age is made up.
+    assert load_checkpoint(old_run / "ckpt.pt")["models"]["guide"] == {}
+
+
+def test_which_runs_keep_a_snapshot():
+    assert build_config("tiny", {}).train.guide_at == GUIDE_AT > 0
+    assert build_config("tiny", {"cond": {"conditional": True}}).train.guide_at == 0.0       # unmeasured there
+    assert build_config("tiny", {"cond": {"conditional": True}, "train": {"guide_at": 0.3}}).train.guide_at == 0.3
+    assert build_config("tiny", {}, model="dcgan").train.guide_at == 0.0
+    assert build_config("small", {}).train.guide_at == 0.0
+
+
+def test_dcgan_refuses_guide_at(tmp_path, capsys):
+    code, _, err = run_script(train, ["--model", "dcgan", "--dataset", "folder", "--data-dir",
+                                      make_image_folder(str(tmp_path / "imgs")), "--guide-at", "0.5",
+                                      "--out", str(tmp_path / "gan"), "--device", "cpu"], capsys)
+    assert_user_error(code, err, "--guide-at", "dcgan")
+    assert not (tmp_path / "gan").exists()
