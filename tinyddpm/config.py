@@ -187,9 +187,10 @@ def validate(cfg, where=None):
     return cfg
 
 # The tiny preset keeps its EMA weights after this fraction of the run (step 2,000 of 8,000) as the "bad version" for
-# autoguidance: with it, sample.py's default report on the README's cats went from 80.86 to 71.11 (docs/recipe.md,
-# seventh round). Measured on unconditional models only, so conditional ones do not keep it by default
-# (build_config); the larger presets are unmeasured and keep none.
+# autoguidance: with it, sample.py's default report on the README's cats went from 80.58 to 69.77 (fresh clone; on
+# an earlier checkpoint of the preset from 80.86 to 71.11, where steps 1,000 and 3,000 gave 86.50 and 72.59;
+# docs/recipe.md, seventh round). Measured on unconditional models only, so conditional ones do not keep it by
+# default (build_config); the larger presets are unmeasured and keep none.
 GUIDE_AT = 0.25
 
 # Named presets: only the fields that differ from the defaults above.
