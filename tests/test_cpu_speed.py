@@ -7,13 +7,17 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
-from tinyddpm import cpu
+import train
+from tests.helpers import MICRO_FLAGS, make_image_folder
+from tinyddpm import cpu, statistics
 from tinyddpm.config import ATTEND_COARSEST, build_config
 from tinyddpm.diffusion import GaussianDiffusion
 from tinyddpm.errors import EXIT_USAGE, UserError, run_cli
+from tinyddpm.generate import LoadedModel
 from tinyddpm.schedules import get_betas
 from tinyddpm.unet import UNet
 
@@ -187,6 +191,51 @@ def test_an_optimizer_step_re_measures(threads_restored, monkeypatch):
     w.sum().backward()
     opt.step()
     assert calls == [False]
+
+
+def a_neighbour_started_after_the_probe(monkeypatch):
+    """Install (as `configure` would) a policy whose next measurement finds another process on one of 2 cores."""
+    m = FakeMachine()
+    policy = cpu.ThreadPolicy(2, cores=2, interval=2.0, read_stat=m.stat, clock=lambda: m.now, own_cpu=lambda: m.ours)
+    m.run(2.0, others_cores=1.0, our_cores=1.0)
+    monkeypatch.setattr(cpu, "_policy", policy)
+    torch.set_num_threads(2)  # what the start-up probe chose on the then idle machine
+
+
+def test_follow_free_cores_without_a_policy_changes_nothing(threads_restored, monkeypatch):
+    monkeypatch.setattr(cpu, "_policy", None)
+    torch.set_num_threads(2)
+    assert cpu.follow_free_cores() == 2 and torch.get_num_threads() == 2
+
+
+def test_a_feature_pass_follows_the_free_cores(threads_restored, monkeypatch):
+    a_neighbour_started_after_the_probe(monkeypatch)
+    seen = []
+
+    def features(x):  # stands in for the Inception network: [B, 3, H, W] -> [B, 4]
+        seen.append(torch.get_num_threads())
+        return torch.zeros(x.shape[0], 4)
+
+    statistics.features_from_uint8(np.zeros((3, 8, 8, 3), np.uint8), features, batch_size=2)
+    assert seen == [1, 1]
+
+
+def test_sampling_follows_the_free_cores(threads_restored, monkeypatch, tmp_path):
+    data = make_image_folder(str(tmp_path / "imgs"))
+    flags = ["--dataset", "folder", "--data-dir", data, "--image-size", "16", "--out", str(tmp_path / "run"),
+             "--steps", "1", *MICRO_FLAGS]
+    assert run_cli(train.main, flags) == 0
+    gen = LoadedModel(str(tmp_path / "run" / "ckpt.pt"), torch.device("cpu"))
+    seen, forward = [], gen.model.forward
+
+    def recording(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(gen.model, "forward", recording)
+    a_neighbour_started_after_the_probe(monkeypatch)
+    gen.sample([0, 1], sampler="ddim", steps=3)
+    assert seen == [1, 1, 1]
 
 
 def test_an_explicit_thread_count_wins(threads_restored):

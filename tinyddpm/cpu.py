@@ -10,8 +10,10 @@ With one thread per free core no op waits for a descheduled thread, and the neig
 So `configure()` (called by the scripts at start-up, through `run_cli(main, setup=configure)`) measures how much CPU
 the *other* processes use (the machine's busy time in /proc/stat minus this process's CPU time, over an interval)
 and sets torch.set_num_threads to the cores they leave free, at least 1, at most torch's default. It measures once
-at start-up (PROBE_S) and then every ADAPT_INTERVAL_S during training (a hook after every optimizer step: the
-thread count is a per-thread OpenMP setting, so it must be changed from the thread that runs the ops). An explicit
+at start-up (PROBE_S) and then every ADAPT_INTERVAL_S while it works: in training by a hook after every optimizer
+step, in sampling and Inception feature passes by `follow_free_cores()` before each network call (the thread count
+is a per-thread OpenMP setting, so it must be changed from the thread that runs the ops). Without the re-measure a
+neighbour busy during the 0.2 s probe left a whole 9-minute report on one thread. An explicit
 count turns the policy off: TINYDDPM_THREADS=N, or OMP_NUM_THREADS as torch reads it.
 
 The OpenMP wait policy (OMP_WAIT_POLICY, GOMP_SPINCOUNT) is left alone: libgomp reads it once, when `import torch`
@@ -112,6 +114,14 @@ class ThreadPolicy:
         """One measurement over `seconds` of sleep (at start-up, before any work of ours)."""
         time.sleep(seconds)
         return self.update(force=True)
+
+
+def follow_free_cores():
+    """Re-measure (rate-limited to the policy's interval) and set the thread count, where `configure` installed a
+    policy; for loops without an optimizer step (sampling, feature passes). Returns torch's thread count then."""
+    import torch
+
+    return _policy.update() if _policy is not None else torch.get_num_threads()
 
 
 def _own_cpu_seconds():

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .checkpoint import load_checkpoint
+from .cpu import follow_free_cores
 from .devices import autocast
 from .errors import UserError
 from .imageio import to_pixels
@@ -187,8 +188,13 @@ class LoadedModel:
             return self.model(z, None if cond is None else cond.to(self.device)).float()
         shape = (3, self.image_size, self.image_size)
         fn = self.model_fn(cond, cfg_scale, autoguidance)
+
+        def followed(x, t):  # a report samples for minutes: follow a neighbour that starts or stops meanwhile
+            follow_free_cores()
+            return fn(x, t)
+
         with autocast(self.device):
-            return run_sampler(sampler, self.diffusion, fn, shape, seeds, self.device, steps, eta, clip_x0,
+            return run_sampler(sampler, self.diffusion, followed, shape, seeds, self.device, steps, eta, clip_x0,
                                x_start, t_start, **solver_kw)
 
     def batches(self, seeds, cond=None, batch_size=DEFAULT_BATCH, progress=None, **sample_kw):

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .config import DataConfig
+from .cpu import follow_free_cores
 from .errors import UserError
 from .sources import MIN_IMAGES, check_statistics, load_statistics, resolve_source, save_statistics
 
@@ -121,6 +122,7 @@ def _out_of_memory(e):
 def iter_features(batches, model, device="cpu", progress=None):
     """Yield float32 features [B, d] (numpy) for each batch of images."""
     for batch in batches:
+        follow_free_cores()  # the thread count follows the free cores through a long pass (tinyddpm/cpu.py)
         try:
             with torch.inference_mode():
                 feats = model(_to_input(batch, device))
