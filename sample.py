@@ -14,8 +14,8 @@ import sys
 import numpy as np
 
 from tinyddpm.errors import UserError, run_cli
-from tinyddpm.generate import (DDIM_SAMPLER, DEFAULT_AUTOGUIDANCE, DEFAULT_BATCH, DEFAULT_DDIM_STEPS, DEFAULT_N,
-                               DEFAULT_SAMPLER, DEFAULT_STEPS, SamplingOptions)
+from tinyddpm.generate import (CLASS_AUTOGUIDANCE, DDIM_SAMPLER, DEFAULT_AUTOGUIDANCE, DEFAULT_BATCH,
+                               DEFAULT_DDIM_STEPS, DEFAULT_N, DEFAULT_SAMPLER, DEFAULT_STEPS, SamplingOptions)
 from tinyddpm.imageio import GRID_IMAGES
 from tinyddpm.report import REPORT_N
 from tinyddpm.samplers import SAMPLERS, SPACINGS
@@ -42,7 +42,8 @@ def build_parser():
     p.add_argument("--churn", type=float, default=None, help="heun only: EDM's S_churn (default 0, the plain ODE)")
     p.add_argument("--autoguidance", type=float, default=None,
                    help=f"autoguidance w: the final weights pushed away from the early snapshot train.py keeps; 1 = "
-                        f"off (default {DEFAULT_AUTOGUIDANCE} when the checkpoint has a snapshot, else 1; "
+                        f"off (default {DEFAULT_AUTOGUIDANCE} when the checkpoint has a snapshot, {CLASS_AUTOGUIDANCE} for a class-"
+                        f"conditional one, else 1; "
                         f"--fuse/--interpolate: 1)")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i (0 … 2**63 − 1)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="images per forward pass")

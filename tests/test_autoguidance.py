@@ -1,6 +1,7 @@
 """Autoguidance: the early EMA snapshot train.py keeps (ema.Snapshot), the guided model function
 (samplers.autoguided), sample.py's default and every refusal."""
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from tinyddpm.checkpoint import load_checkpoint
 from tinyddpm.config import GUIDE_AT, build_config
 from tinyddpm.errors import run_cli
 from tinyddpm.files import atomic_torch_save
-from tinyddpm.generate import DEFAULT_AUTOGUIDANCE, LoadedModel
+from tinyddpm.generate import CLASS_AUTOGUIDANCE, DEFAULT_AUTOGUIDANCE, LoadedModel
 from tinyddpm.samplers import autoguided
 
 CPU = torch.device("cpu")
@@ -137,6 +138,15 @@ def test_which_runs_keep_a_snapshot():
     assert build_config("tiny", {"train": {"guide_at": 0.0}}).train.guide_at == 0.0
     assert build_config("tiny", {}, model="dcgan").train.guide_at == 0.0
     assert build_config("small", {}).train.guide_at == 0.0
+
+
+@pytest.mark.parametrize("kind,want", [("none", DEFAULT_AUTOGUIDANCE), ("multilabel", DEFAULT_AUTOGUIDANCE),
+                                       ("class", CLASS_AUTOGUIDANCE)])
+def test_the_default_w_depends_on_the_condition(kind, want):
+    """w = 1.5 won on class-conditional cat + frog, w = 2 on cats and shapes (docs/recipe.md, eighth round)."""
+    gen = SimpleNamespace(guide=object(), labels={"kind": kind, "names": []})
+    assert LoadedModel.default_autoguidance(gen) == want
+    assert LoadedModel.default_autoguidance(SimpleNamespace(guide=None, labels=gen.labels)) == 1.0
 
 
 def test_dcgan_refuses_guide_at(tmp_path, capsys):

@@ -17,7 +17,7 @@ from tests.helpers import MICRO_FLAGS, assert_user_error, make_image_folder, run
 from tinyddpm import data as data_mod
 from tinyddpm import report, sources
 from tinyddpm.errors import run_cli
-from tinyddpm.generate import DEFAULT_AUTOGUIDANCE, DEFAULT_SAMPLER
+from tinyddpm.generate import CLASS_AUTOGUIDANCE, DEFAULT_AUTOGUIDANCE, DEFAULT_SAMPLER
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.load:DeprecationWarning")
 
@@ -155,7 +155,7 @@ def test_class_model_gives_one_row_per_class(ckpts, fake, cifar_root, tmp_path, 
         ("cat", "cifar10:cat:test", f"cifar10:cat:train:{N}"), ("frog", "cifar10:frog:test", f"cifar10:frog:train:{N}")]
     assert (tmp_path / "rep" / "report_images_cat.npy").is_file() and (tmp_path / "rep" / "report_grid_frog.png").is_file()
     # a conditional tiny run keeps its snapshot too (GUIDE_AT), so both guidances are named
-    assert "| ddim 2, η = 1, autoguidance 2 (step 1), w = 2 |" in out and out.count("| cifar10:") == 2
+    assert f"| ddim 2, η = 1, autoguidance {CLASS_AUTOGUIDANCE:g} (step 1), w = 2 |" in out and out.count("| cifar10:") == 2
     # Each row asks the model for its own class (index in the checkpoint's class list), from the same seeds.
     seeds = list(range(N))
     assert conds == [(seeds, [0] * N, 2.0), (seeds, [1] * N, 2.0)]
