@@ -133,7 +133,8 @@ def test_an_older_checkpoint_without_the_entry_resumes_and_samples(runs, capsys)
 def test_which_runs_keep_a_snapshot():
     assert build_config("tiny", {}).train.guide_at == GUIDE_AT > 0
     assert build_config("tiny", {"cond": {"conditional": True}}).train.guide_at == GUIDE_AT  # eighth round
-    assert build_config("tiny", {"data": {"dataset": "shapes"}, "cond": {"conditional": True}}).train.guide_at == GUIDE_AT
+    shapes = {"data": {"dataset": "shapes"}, "cond": {"conditional": True}}
+    assert build_config("tiny", shapes).train.guide_at == GUIDE_AT
     assert build_config("tiny", {"cond": {"conditional": True}, "train": {"guide_at": 0.3}}).train.guide_at == 0.3
     assert build_config("tiny", {"train": {"guide_at": 0.0}}).train.guide_at == 0.0
     assert build_config("tiny", {}, model="dcgan").train.guide_at == 0.0

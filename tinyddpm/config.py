@@ -189,9 +189,9 @@ def validate(cfg, where=None):
 # The tiny preset keeps its EMA weights after this fraction of the run (step 2,000 of 8,000) as the "bad version" for
 # autoguidance: with it, sample.py's default report on the README's cats went from 80.58 to 69.77 (fresh clone; on
 # an earlier checkpoint of the preset from 80.86 to 71.11, where steps 1,000 and 3,000 gave 86.50 and 72.59;
-# docs/recipe.md, seventh round). On class-conditional cat + frog it gave 79.78 / 69.53 against 88.45 / 73.91, and
-# on shapes 68.8 % against 67.6 % at w = 2 (eighth round), so every tiny diffusion run keeps it; a DCGAN has no use
-# for it (build_config), and the larger presets are unmeasured and keep none.
+# docs/recipe.md, seventh round). On class-conditional cat + frog it gave 76.64 / 61.28 (w = 1.5) against
+# 88.45 / 73.91, and on shapes 68.8 % against 67.6 % at w = 2 (eighth round), so every tiny diffusion run keeps it;
+# a DCGAN has no use for it (build_config), and the larger presets are unmeasured and keep none.
 GUIDE_AT = 0.25
 
 # Named presets: only the fields that differ from the defaults above.
