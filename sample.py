@@ -42,8 +42,8 @@ def build_parser():
     p.add_argument("--churn", type=float, default=None, help="heun only: EDM's S_churn (default 0, the plain ODE)")
     p.add_argument("--autoguidance", type=float, default=None,
                    help=f"autoguidance w: the final weights pushed away from the early snapshot train.py keeps; 1 = "
-                        f"off (default {DEFAULT_AUTOGUIDANCE} when the checkpoint has a snapshot, {CLASS_AUTOGUIDANCE} for "
-                        f"a class-conditional one, else 1; "
+                        f"off (default {DEFAULT_AUTOGUIDANCE} when the checkpoint has a snapshot, "
+                        f"{CLASS_AUTOGUIDANCE} for a class-conditional one, else 1; "
                         f"--fuse/--interpolate: 1)")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i (0 … 2**63 − 1)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="images per forward pass")
