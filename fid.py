@@ -84,7 +84,7 @@ def main(argv=None):
     from tinyddpm.devices import resolve_device
     from tinyddpm.distance import frechet_distance, kernel_inception_distance
     from tinyddpm.sources import resolve_source, save_statistics
-    from tinyddpm.statistics import check_dimensions, default_cache_dir, measure
+    from tinyddpm.statistics import Reading, check_dimensions, default_cache_dir, measure
 
     device = resolve_device(args.device)
     sources = [resolve_source(p, args.data_dir) for p in args.inputs]  # every input checked before the slow part starts
@@ -102,8 +102,9 @@ def main(argv=None):
     check_dimensions(sources, model, device)  # a statistics file of another width is refused before the slow part
     workers = args.num_workers if args.num_workers is not None else min(4, max(0, (os.cpu_count() or 1) - 1))
     cache_dir = args.cache_dir or (default_cache_dir() if args.cache else None)
-    results = [measure(s, model, args.batch_size, device, workers, args.skip_bad, keep_features=args.kid,
-                       progress=not args.quiet, cache_dir=cache_dir) for s in sources]
+    reading = Reading(workers, progress=not args.quiet)
+    results = [measure(s, model, args.batch_size, device, args.skip_bad, keep_features=args.kid, cache_dir=cache_dir,
+                       reading=reading) for s in sources]
 
     if args.save_stats:
         save_statistics(args.save_stats, results[0].mu, results[0].sigma, force=args.force)

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from tinyddpm.config import GANConfig
-from tinyddpm.dcgan import (Discriminator, Generator, discriminator_loss, gan_train_step, generator_loss,
+from tinyddpm.dcgan import (GAN, Discriminator, Generator, discriminator_loss, gan_train_step, generator_loss,
                             init_weights, instance_noise_std, make_optimizers, sample_z)
 from tinyddpm.errors import UserError
 
@@ -74,7 +74,7 @@ def test_train_step_updates_both_networks(cond_kind):
     g0, d0 = _params(G), _params(D)
     gen = torch.Generator().manual_seed(0)
     for step in range(2):
-        out = gan_train_step(G, D, opt_g, opt_d, real, cond, SMALL, step, 100, gen)
+        out = gan_train_step(GAN(G, D, opt_g, opt_d), real, cond, SMALL, step, 100, gen)
         assert set(out) == {"d_loss", "g_loss", "d_real", "d_fake"}
         assert all(torch.is_tensor(v) and torch.isfinite(v) and not v.requires_grad for v in out.values())
         assert 0 < out["d_real"] < 1 and 0 < out["d_fake"] < 1
@@ -88,7 +88,7 @@ def test_train_step_is_reproducible():
         G, D = Generator(SMALL, 16), Discriminator(SMALL, 16)
         opt_g, opt_d = make_optimizers(G, D, SMALL)
         real = torch.linspace(-1, 1, 4 * 3 * 16 * 16).reshape(4, 3, 16, 16)
-        out = gan_train_step(G, D, opt_g, opt_d, real, None, SMALL, 0, 10, torch.Generator().manual_seed(5))
+        out = gan_train_step(GAN(G, D, opt_g, opt_d), real, None, SMALL, 0, 10, torch.Generator().manual_seed(5))
         return out["d_loss"], _params(G)
 
     (l1, p1), (l2, p2) = run(), run()

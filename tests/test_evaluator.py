@@ -15,7 +15,7 @@ from tinyddpm.errors import UserError, run_cli
 # A short run at 32 px (~20 s CPU). Chance is ~0.1 (k random labels out of 24) and a model that
 # learned only colours or only shapes gets about 1/3; the full evaluator reaches ≥ 0.99 (docs/shapes.md).
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHORT = dict(size=32, n_train=3000, steps=300, batch_size=32, n_heldout=400, seed=0)
+SHORT = ev.EvaluatorTraining(size=32, n_train=3000, steps=300, batch_size=32, n_heldout=400, seed=0)
 SHORT_MIN_ACCURACY = 0.5
 
 
@@ -49,7 +49,7 @@ def trained(tmp_path_factory):
     lines, threads = [], torch.get_num_threads()
     torch.set_num_threads(1)  # this small network gains little from a second thread, and loses much on a busy machine
     try:
-        model, metrics = ev.train_evaluator(path, log=lines.append, **SHORT)
+        model, metrics = ev.train_evaluator(path, SHORT, log=lines.append)
     finally:
         torch.set_num_threads(threads)
     return path, model, metrics, lines

@@ -141,6 +141,9 @@ class FakeModel(torch.nn.Module):
         return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], 1)
 
 
+QUIET = st.Reading(progress=False)
+
+
 def test_measure_streams_and_caches(tmp_path):
     rng = np.random.default_rng(4)
     arr = rng.integers(0, 256, (30, 4, 4, 3), dtype=np.uint8)
@@ -148,13 +151,13 @@ def test_measure_streams_and_caches(tmp_path):
     mu, sigma = st.statistics_from_uint8(iter([arr[:10], arr[10:]]), FakeModel(), batch_size=7)
     np.testing.assert_allclose(sigma, np.cov(feats.astype(np.float64), rowvar=False), rtol=1e-6, atol=1e-12)
     cache = str(tmp_path / "cache")
-    m1 = st.measure(sources.resolve_source(arr), FakeModel(), batch_size=8, cache_dir=cache, progress=False)
+    m1 = st.measure(sources.resolve_source(arr), FakeModel(), batch_size=8, cache_dir=cache, reading=QUIET)
     assert m1.n == 30 and len(os.listdir(cache)) == 1
     np.testing.assert_allclose(m1.mu, mu)
-    m2 = st.measure(sources.resolve_source(arr), FakeModel(), cache_dir=cache, progress=False)
+    m2 = st.measure(sources.resolve_source(arr), FakeModel(), cache_dir=cache, reading=QUIET)
     assert m2.n == 30 and np.array_equal(m2.sigma, m1.sigma)  # a cache hit: nothing recomputed
     other = type("Other", (FakeModel,), {"weights_id": "fake-1"})()
-    st.measure(sources.resolve_source(arr), other, cache_dir=cache, progress=False)
+    st.measure(sources.resolve_source(arr), other, cache_dir=cache, reading=QUIET)
     assert len(os.listdir(cache)) == 2  # other weights, other key
     m3 = st.compute_statistics(arr[:10], model=FakeModel())
     np.testing.assert_allclose(m3[0], st.statistics_from_features(feats[:10])[0], rtol=1e-6)

@@ -21,6 +21,7 @@ shape attributes). We chose:
      [B, C, 4, 4] flattened — exactly what the final 4×4 convolution (the "w·φ" term) reads. Projection beats
      concatenating the label to D's input: D must explain the image *given* y instead of learning to ignore y.
 """
+import dataclasses
 import math
 
 import torch
@@ -156,12 +157,22 @@ def _noisy(x, std, generator):
     return x + std * noise.to(x.device)
 
 
-def gan_train_step(G, D, opt_g, opt_d, real, cond, gan_cfg, step, total_steps, generator):
+@dataclasses.dataclass
+class GAN:
+    """The two networks and their optimizers, which every training step updates together."""
+    G: Generator
+    D: Discriminator
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+
+
+def gan_train_step(gan, real, cond, gan_cfg, step, total_steps, generator):
     """One D update then one G update on the same z. real [B, C, S, S] in [-1, 1]; all randomness from `generator`.
 
     Real and fake go through D as separate batches (the DCGAN paper's BatchNorm advice). Returns detached tensors
     (no .item(), so the caller decides when to synchronise).
     """
+    G, D, opt_g, opt_d = gan.G, gan.D, gan.opt_g, gan.opt_d
     std = instance_noise_std(gan_cfg, step, total_steps)
     z = torch.randn(real.shape[0], G.z_dim, generator=generator, device=generator.device).to(real.device)
     fake = G(z, cond)

@@ -12,6 +12,7 @@ trains one (minutes on a CPU) and prints its held-out accuracy. The checkpoint i
 data + state_dict), written atomically and read with torch.load(weights_only=True).
 """
 import argparse
+import dataclasses
 import math
 import os
 import pickle
@@ -167,15 +168,32 @@ def _check_out_path(path, force):
         raise UserError(f"{path} already exists; pass --force to replace it, or choose another --out")
 
 
-def train_evaluator(out_path, size=64, n_train=20000, steps=1500, seed=0, log=print, batch_size=64, lr=2e-3,
-                    n_heldout=2000, force=False, device="cpu"):
-    """Render n_train train-split scenes, fit the evaluator (BCE, AdamW, one-cycle learning rate), measure its
-    accuracy on n_heldout scenes of test-split label sets, save it to out_path. Returns (evaluator, metrics)."""
+@dataclasses.dataclass(frozen=True)
+class EvaluatorTraining:
+    """What train_evaluator renders and how it fits: image size, scenes, optimizer steps and their settings."""
+    size: int = 64
+    n_train: int = 20000  # rendered train-split scenes
+    steps: int = 1500
+    seed: int = 0  # the training scenes, the weights and the batch order
+    batch_size: int = 64
+    lr: float = 2e-3  # the one-cycle schedule's peak
+    n_heldout: int = 2000  # test-split scenes for the reported accuracy
+
+    def check(self):
+        for name in ("steps", "n_train", "batch_size", "n_heldout"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+
+def train_evaluator(out_path, settings=EvaluatorTraining(), log=print, force=False, device="cpu"):
+    """Render settings.n_train train-split scenes, fit the evaluator (BCE, AdamW, one-cycle learning rate), measure
+    its accuracy on settings.n_heldout scenes of test-split label sets, save it to out_path. Returns (evaluator,
+    metrics)."""
     out_path = os.fspath(out_path)
     _check_out_path(out_path, force)
-    for name, value in (("steps", steps), ("n_train", n_train), ("batch_size", batch_size), ("n_heldout", n_heldout)):
-        if value < 1:
-            raise UserError(f"{name} must be at least 1, got {value}")
+    settings.check()
+    size, n_train, steps, seed = settings.size, settings.n_train, settings.steps, settings.seed
+    batch_size, lr, n_heldout = settings.batch_size, settings.lr, settings.n_heldout
     device = resolve_device(device)
     start, cpu_start = time.time(), time.process_time()  # CPU time too: wall time depends on what else runs
     images, labels = shapes.make_dataset("train", n_train, size, seed)
@@ -216,13 +234,14 @@ def build_parser():
     p = argparse.ArgumentParser(prog="python -m tinyddpm.evaluator",
                                 description="Train the shapes evaluator and print its held-out accuracy.")
     p.add_argument("--out", required=True, help="checkpoint file to write, e.g. runs/evaluator.pt")
-    p.add_argument("--size", type=int, default=64, choices=shapes.SIZES, help="image size it scores")
-    p.add_argument("--steps", type=int, default=1500, help="optimizer steps")
-    p.add_argument("--n-train", type=int, default=20000, help="rendered training scenes")
-    p.add_argument("--batch-size", type=int, default=64, help="scenes per step")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
-    p.add_argument("--heldout", type=int, default=2000, help="test-split scenes for the reported accuracy")
-    p.add_argument("--seed", type=int, default=0, help="seed for the training scenes and the weights")
+    d = EvaluatorTraining()
+    p.add_argument("--size", type=int, default=d.size, choices=shapes.SIZES, help="image size it scores")
+    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
+    p.add_argument("--n-train", type=int, default=d.n_train, help="rendered training scenes")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="scenes per step")
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
+    p.add_argument("--heldout", type=int, default=d.n_heldout, help="test-split scenes for the reported accuracy")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed for the training scenes and the weights")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads for torch (0: torch's default; 1 is fastest on a busy machine)")
@@ -236,9 +255,8 @@ def main(argv=None):
         raise UserError(f"--threads must be 0 (torch's default) or more, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    _, metrics = train_evaluator(args.out, size=args.size, n_train=args.n_train, steps=args.steps, seed=args.seed,
-                                 batch_size=args.batch_size, lr=args.lr, n_heldout=args.heldout, force=args.force,
-                                 device=args.device)
+    settings = EvaluatorTraining(args.size, args.n_train, args.steps, args.seed, args.batch_size, args.lr, args.heldout)
+    _, metrics = train_evaluator(args.out, settings, force=args.force, device=args.device)
     print(f"heldout_accuracy {metrics['heldout_accuracy']:.4f}")
     return 0
 

@@ -18,7 +18,7 @@ import torch
 
 from . import data as data_mod
 from .config import build_config
-from .dcgan import gan_train_step, instance_noise_std, make_optimizers, sample_z
+from .dcgan import GAN, gan_train_step, instance_noise_std, make_optimizers, sample_z
 from .ema import EMA
 from .errors import UserError
 from .imageio import make_grid, save_png, to_pixels
@@ -97,15 +97,16 @@ def train_gan(cfg, out, device, log=say):
     G, D = build_gan(cfg, data.label_info)
     G, D = G.to(device), D.to(device)
     ema = EMA(G, tcfg.ema_decay, tcfg.ema_warmup)
-    opt_g, opt_d = make_optimizers(G, D, cfg.gan, lr=tcfg.lr)  # constant rate: no warm-up, no clipping
-    models, optimizers = dict(generator=G, discriminator=D, ema=ema), dict(g=opt_g, d=opt_d)
+    gan = GAN(G, D, *make_optimizers(G, D, cfg.gan, lr=tcfg.lr))  # constant rate: no warm-up, no clipping
+    models, optimizers = dict(generator=G, discriminator=D, ema=ema), dict(g=gan.opt_g, d=gan.opt_d)
     with run.begin(models, optimizers) as step, StopSignals() as signals:  # a signal: checkpoint, then stop
-        _loop(run, step, signals, G, D, ema, opt_g, opt_d, data, log)
+        _loop(run, step, signals, gan, ema)
     return run
 
 
-def _loop(run, step, signals, G, D, ema, opt_g, opt_d, data, log):
-    cfg, device, tcfg, gen = run.cfg, run.device, run.cfg.train, run.gen
+def _loop(run, step, signals, gan, ema):
+    cfg, device, tcfg, gen, data, log = run.cfg, run.device, run.cfg.train, run.gen, run.data, run.log
+    G, D = gan.G, gan.D
     n_g, n_d = (sum(p.numel() for p in net.parameters()) / 1e6 for net in (G, D))
     log(f"training {cfg.preset} DCGAN (G {n_g:.3g} M, D {n_d:.3g} M parameters) on {data.images.shape[0]} images "
         f"of {cfg.data.image_size}px, {device.type}, batch {tcfg.batch_size}, lr {tcfg.lr:g}, {tcfg.steps} steps "
@@ -121,7 +122,7 @@ def _loop(run, step, signals, G, D, ema, opt_g, opt_d, data, log):
             x = data_mod.random_flip(x, gen)
         b = x.shape[0]
         cond = None if data.labels is None else data.labels[idx]
-        out = gan_train_step(G, D, opt_g, opt_d, x, cond, cfg.gan, step, tcfg.steps, gen)
+        out = gan_train_step(gan, x, cond, cfg.gan, step, tcfg.steps, gen)
         sums += torch.stack([out["d_loss"], out["g_loss"], out["d_real"], out["d_fake"]])
         run.guard.record(step + 1, out["d_loss"], out["g_loss"])  # on the device: no sync per step
         ema.update(G, step)

@@ -163,8 +163,16 @@ def statistics_from_uint8(images, model, batch_size=50, device="cpu", progress=F
     return acc.mean(), acc.cov()
 
 
-def measure(source, model, batch_size=50, device="cpu", num_workers=0, skip_bad=False, keep_features=False,
-            progress=True, cache_dir=None):
+@dataclass(frozen=True)
+class Reading:
+    """How a source's files are read, which never changes the numbers: DataLoader processes decoding a folder's
+    images, and whether progress lines go to stderr."""
+    num_workers: int = 0
+    progress: bool = True
+
+
+def measure(source, model, batch_size=50, device="cpu", skip_bad=False, keep_features=False, cache_dir=None,
+            reading=Reading()):
     """A Source (sources.resolve_source) → Measurement. With a cache_dir, a folder or array is looked up there
     first and stored after (its fingerprint is taken only then); keep_features also keeps, and caches, the
     features. A statistics file gives its mu/sigma (and no features)."""
@@ -181,9 +189,9 @@ def measure(source, model, batch_size=50, device="cpu", num_workers=0, skip_bad=
                   f"{_cache_path(key, cache_dir)}", file=sys.stderr)
             return hit
     skipped = []
-    batches = source.batches(batch_size, num_workers, skip_bad, report=skipped.append)
+    batches = source.batches(batch_size, reading.num_workers, skip_bad, report=skipped.append)
     acc, kept = RunningStats(), []
-    for feats in iter_features(batches, model, device, Progress(len(source), source.name, progress)):
+    for feats in iter_features(batches, model, device, Progress(len(source), source.name, reading.progress)):
         acc.update(feats)
         if keep_features:
             kept.append(feats)
@@ -196,15 +204,16 @@ def measure(source, model, batch_size=50, device="cpu", num_workers=0, skip_bad=
     return m
 
 
-def compute_statistics(path_or_array, model=None, batch_size=50, device="cpu", num_workers=0, skip_bad=False,
-                       progress=False, cache_dir=None, weights=None, data_dir=None):
-    """(mu, sigma) of a folder, .npz stats file, .npy/.npz image array, dataset reference or uint8 [N, H, W, 3]."""
+def compute_statistics(path_or_array, model=None, batch_size=50, device="cpu", skip_bad=False, cache_dir=None,
+                       data_dir=None, reading=Reading(progress=False)):
+    """(mu, sigma) of a folder, .npz stats file, .npy/.npz image array, dataset reference or uint8 [N, H, W, 3].
+    model: a loaded Inception (inception.load_inception), the path of its weights, or None for the default ones."""
     source = resolve_source(path_or_array, data_dir or DataConfig.data_dir)
-    if model is None and source.kind != "stats":
+    if (model is None or isinstance(model, (str, os.PathLike))) and source.kind != "stats":
         from .inception import load_inception
 
-        model = load_inception(weights, device)
-    m = measure(source, model, batch_size, device, num_workers, skip_bad, progress=progress, cache_dir=cache_dir)
+        model = load_inception(model, device)
+    m = measure(source, model, batch_size, device, skip_bad, cache_dir=cache_dir, reading=reading)
     return m.mu, m.sigma
 
 
