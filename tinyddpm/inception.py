@@ -30,10 +30,13 @@ WEIGHTS_ENV = "TINYDDPM_INCEPTION_WEIGHTS"
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + FID_WEIGHTS_NAME
 FID_WEIGHTS_SHA256_PREFIX = "6726825d"  # torch.hub's convention: the file name carries its hash's first digits
+WEIGHTS_TIMEOUT_S = 30  # seconds a stalled weights download waits before it counts as failed
 FLAVOURS = {
     "fid": "FID Inception (TF graph 2015-12-05, the weights of pytorch-fid and the original TF FID)",
     "torchvision-imagenet": "torchvision ImageNet Inception-v3: features differ, NOT comparable with standard FIDs",
 }
+_LOADED = {}  # (path, mtime, device) → model: the CLI and a report loop load the 90 MB file once
+LOADED_KEEP = 2  # models kept in memory (about 100 MB each)
 
 
 class BasicConv2d(nn.Module):
@@ -264,8 +267,7 @@ _TS_BLOCKS = {  # TorchScript block → (torchvision block, {TorchScript conv �
 }
 _TS_LAYOUT = [("conv", "Conv2d_1a_3x3"), ("conv_1", "Conv2d_2a_3x3"), ("conv_2", "Conv2d_2b_3x3"),
               ("conv_3", "Conv2d_3b_1x1"), ("conv_4", "Conv2d_4a_3x3")]
-for _i, (_kind, _tv) in enumerate(zip("AAABCCCCDEE", ["5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b",
-                                                      "7c"])):
+for _i, (_kind, _tv) in enumerate(zip("AAABCCCCDEE", "5b 5c 5d 6a 6b 6c 6d 6e 7a 7b 7c".split())):
     _TS_LAYOUT += [(f"mixed{'_' + str(_i) if _i else ''}.{ts}", f"Mixed_{_tv}.{tv}")
                    for ts, tv in _TS_BLOCKS[_kind].items()]
 _TS_PARAMS = {"weight": "conv.weight", "beta": "bn.bias", "mean": "bn.running_mean", "var": "bn.running_var"}
@@ -300,8 +302,6 @@ def _fid_helper_file():
         return None
     return os.path.join(list(spec.submodule_search_locations)[0], "default_1.pt")
 
-
-WEIGHTS_TIMEOUT_S = 30
 
 
 def _download(url, dest, sha256_prefix):
@@ -375,10 +375,6 @@ def _weights_id(model):
         if not k.endswith("num_batches_tracked"):
             h.update(k.encode() + v.detach().float().contiguous().numpy().tobytes())
     return f"{model.flavour}-{h.hexdigest()[:16]}"
-
-
-_LOADED = {}  # (path, mtime, device) → model: the CLI and a report loop load the 90 MB file once
-LOADED_KEEP = 2  # models kept in memory (about 100 MB each)
 
 
 def load_inception(weights=None, device="cpu"):
