@@ -12,13 +12,12 @@ import pickle
 import torch
 
 from .config import RunConfig, validate
+from .constants import COND_KINDS, MODEL_KINDS
 from .errors import UserError
 from .files import atomic_torch_save
-from .unet import COND_KINDS
 
 FORMAT = "tinyddpm"
 FORMAT_VERSION = 1
-MODEL_KINDS = ("ddpm", "dcgan")
 CKPT_NAME = "ckpt.pt"
 ZIP_MAGIC = b"PK\x03\x04"
 PICKLE_PROTO = b"\x80"  # the PROTO opcode that starts every pickle of protocol ≥ 2

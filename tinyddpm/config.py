@@ -8,10 +8,11 @@ overrides the preset, which overrides the dataclass default.
 import argparse
 import dataclasses
 from dataclasses import dataclass, field, fields
-from typing import Optional
 
 from .checks import check_values, flag_name, in_file  # check_values: the one value check, for any dataclass
+from .constants import MAX_BATCH, MODEL_KINDS, SAMPLERS
 from .errors import UserError
+from .models import check_architecture
 
 # Upper bounds on sizes: far beyond any sensible run, they turn a typo (an extra zero or six) into one line
 # instead of an out-of-memory traceback minutes later.
@@ -20,10 +21,8 @@ MAX_WIDTH = 4096  # channels of a layer, latent size, attention heads
 MAX_MULT = 64  # U-Net channel multiplier per level
 MAX_BLOCKS = 64  # residual blocks per U-Net level
 MAX_TIMESTEPS = 100_000
-MAX_BATCH = 65_536
 MAX_GRID = 1024  # images in a training sample grid
 MAX_SHAPES = 1_000_000  # rendered shapes scenes (3 KB each at 32 px, all held in memory)
-MODEL_KINDS = ("ddpm", "dcgan")
 LR_DECAYS = ("constant", "cosine")
 
 
@@ -118,8 +117,7 @@ class TrainConfig:
     grid_eta: float = field(default=1.0, metadata=dict(min=0.0, max=1.0,
         help="DDIM η of the sample grids: 1 (stochastic) shows what a young model has learned, where η = 0's "
              "deterministic path turns its errors into saturated noise (README, 'Which sampler')"))
-    grid_sampler: str = field(default="ddim", metadata=dict(
-        help="sampler of the sample grids (a name from tinyddpm.samplers.SAMPLERS, e.g. ddim or ddpm)"))
+    grid_sampler: str = field(default="ddim", metadata=dict(choices=SAMPLERS, help="sampler of the sample grids"))
 
 
 @dataclass
@@ -165,11 +163,8 @@ SECTIONS = ("data", "unet", "diffusion", "cond", "gan", "train")
 
 def validate(cfg, where=None):
     """The one check of a RunConfig, whether it came from flags or from a checkpoint (`where`: its path), made before
-    anything is built or written: every field (check_values), the model kind, the grids' sampler and the networks'
-    shapes (models.check_architecture: GroupNorm widths, image size, attention heads)."""
-    from .models import check_architecture
-    from .samplers import SAMPLERS
-
+    anything is built or written: every field (check_values), the model kind and the networks' shapes
+    (models.check_architecture: GroupNorm widths, image size, attention heads)."""
     try:
         if cfg.model not in MODEL_KINDS:
             raise UserError(f"--model must be one of {', '.join(MODEL_KINDS)} (got {cfg.model!r})")
@@ -177,8 +172,6 @@ def validate(cfg, where=None):
             raise UserError(f"--preset must be one of {', '.join(PRESETS)} (got {cfg.preset!r})")
         for name in SECTIONS:
             check_values(getattr(cfg, name))
-        if cfg.train.grid_sampler not in SAMPLERS:
-            raise UserError(f"--grid-sampler must be one of {', '.join(SAMPLERS)} (got {cfg.train.grid_sampler!r})")
         check_architecture(cfg)
     except UserError as e:
         if where is None:

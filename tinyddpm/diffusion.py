@@ -1,7 +1,14 @@
 """Gaussian diffusion (Ho et al. 2020) with the improvements of Nichol & Dhariwal (2021).
 
 The object holds only the schedule; the network is passed to each call as `model_fn(x_t, t) -> output`, so the same
-diffusion serves the raw model, its EMA copy, or a guided wrapper.
+diffusion serves the raw model, its EMA copy, or a guided wrapper (tinyddpm/guidance.py).
+
+Noise levels. Besides the VP view (x_t = α·x0 + σ_vp·ε, α = √ᾱ, σ_vp = √(1−ᾱ)) the samplers use the VE noise level
+σ = σ_vp/α = √((1−ᾱ)/ᾱ) of EDM and k-diffusion. The model is trained at whole timesteps t = 0 … T−1; between them
+log σ is interpolated linearly in t (k-diffusion's DiscreteSchedule), so a sampler may visit any σ in [σ(0), σ(T−1)]
+and show the U-Net the matching fractional t (its sinusoidal time embedding takes float t). `sigma(t)` and
+`timestep(σ)` convert; `denoise(model_fn, x, t)` is the one place a network output (ε, x0 or v) becomes an x0
+prediction, and `Denoiser` is what every sampler is given.
 
 Shapes: x0, x_t, noise [B, C, H, W]; t [B] long, each image its own timestep in 0 … T−1. The model output is
 [B, C, H, W], or [B, 2C, H, W] with a learned variance (second half: interpolation weight v ∈ [−1, 1]).
@@ -40,6 +47,7 @@ class GaussianDiffusion:
             post_ct=(1.0 - ab_prev) * np.sqrt(alphas) / (1.0 - ab),
             log_betas=np.log(betas),
             snr=ab / (1.0 - ab),
+            log_sigma=0.5 * (np.log1p(-ab) - np.log(ab)),  # log σ(t) at t = 0 … T−1, increasing in t
         )
         # float64 master copies (exact, for tests and the schedule) and float32 copies per device for the maths.
         self.np = arrays
@@ -79,6 +87,35 @@ class GaussianDiffusion:
         """Mean, variance and clipped log variance of q(x_{t-1} | x_t, x0)."""
         mean = self._get("post_c0", t, x_t) * x0 + self._get("post_ct", t, x_t) * x_t
         return mean, self._get("post_var", t, x_t), self._get("post_log_var_clipped", t, x_t)
+
+    # --- noise levels and the denoiser ------------------------------------------------------------------------
+    def sigma(self, t):
+        """VE noise level σ at (fractional) timesteps t, float64: log σ interpolated linearly between whole steps."""
+        log_sigma = self.np["log_sigma"]
+        return np.exp(np.interp(t, np.arange(len(log_sigma)), log_sigma))
+
+    def timestep(self, sigma):
+        """The (fractional) timestep whose noise level is σ, clamped to [0, T−1] (k-diffusion's sigma_to_t)."""
+        log_sigma = self.np["log_sigma"]
+        return np.interp(np.log(sigma), log_sigma, np.arange(len(log_sigma), dtype=np.float64))
+
+    def denoise(self, model_fn, x, t, clip_x0=True):
+        """The x0 prediction [B, C, H, W] of model_fn for x [B, C, H, W] at one (fractional) timestep t.
+
+        The output is converted with the continuous (α, σ_vp) of σ(t), so fractional t works for ε, x0 and v models
+        alike; a whole t is given to the network as a long tensor, as in training. A learned variance is ignored."""
+        alpha, sigma_vp = vp_coefficients(float(self.sigma(t)))
+        tt = torch.full((x.shape[0],), t, device=x.device,
+                        dtype=torch.long if float(t).is_integer() else torch.float32)
+        out, _ = self.split_output(model_fn(x, tt), x)
+        out = out.to(x.dtype)  # float32 from a bf16 autocast pass; float64 stays float64 (the analytic tests)
+        if self.objective == "eps":
+            x0 = (x - sigma_vp * out) / alpha
+        elif self.objective == "v":
+            x0 = alpha * x - sigma_vp * out
+        else:
+            x0 = out
+        return x0.clamp(-1.0, 1.0) if clip_x0 else x0
 
     # --- the reverse process ----------------------------------------------------------------------------------
     def split_output(self, out, x_t):
@@ -183,6 +220,41 @@ class GaussianDiffusion:
             x_t = self.q_sample(x0, t, noise)
             total = total + self.vlb_term(model_fn(x_t, t).float(), x0, x_t, t)
         return total
+
+
+def vp_coefficients(sigma):
+    """(α, σ_vp) of the VP process at VE noise level σ (σ = 0: the clean image, (1, 0))."""
+    alpha = 1.0 / math.sqrt(1.0 + sigma * sigma)
+    return alpha, sigma * alpha
+
+
+class Denoiser:
+    """What a sampler sees of a model: D(x, t), the x0 prediction at (fractional) timestep t, clipped to [−1, 1]
+    unless clip_x0 is False, and the schedule's noise levels. One object for every sampler (tinyddpm/samplers.py);
+    guidance wraps the network function before it gets here (tinyddpm/guidance.py)."""
+
+    def __init__(self, diffusion, model_fn, clip_x0=True):
+        self.diffusion, self.model_fn, self.clip_x0 = diffusion, model_fn, clip_x0
+
+    def __call__(self, x, t):
+        return self.diffusion.denoise(self.model_fn, x, t, self.clip_x0)
+
+    def sigma(self, t):
+        return self.diffusion.sigma(t)
+
+    def timestep(self, sigma):
+        return self.diffusion.timestep(sigma)
+
+    @property
+    def num_timesteps(self):
+        return self.diffusion.num_timesteps
+
+    def posterior(self, x, t):
+        """(mean, log variance) of p(x_{t−1} | x_t) at whole timestep t (DDPM's ancestral step): the posterior of
+        the (clipped) x0 prediction, with the model's learned variance when it has one."""
+        tt = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
+        p = self.diffusion.p_mean_variance(self.model_fn(x, tt).float(), x, tt, self.clip_x0)
+        return p["mean"], p["log_var"]
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2):

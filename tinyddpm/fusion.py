@@ -21,21 +21,22 @@ schedule 0 … T−1, so --t maps to index t − 1 (--t T is the last, noisiest 
 Shapes: an input image is float [3, S, S] in [−1, 1]; batches are [B, 3, S, S]; files are 8-bit RGB PNGs.
 """
 import math
-import os
+from dataclasses import dataclass, field, replace
+from typing import Optional
 
 import numpy as np
 import torch
 
+from .checks import check_values
+from .diffusion import Denoiser
 from .errors import UserError
-from .files import prepare_output_dir
-from .generate import DEFAULT_DDIM_STEPS, Progress, cycle
-from .imageio import load_rgb, make_grid, resize_center_crop, save_png, to_pixels, to_tensor
-from .samplers import ImageNoise, ddim_invert, sample
+from .generate import cycle
+from .imageio import load_rgb, make_grid, resize_center_crop, to_tensor
+from .samplers import ImageNoise, ddim, ddim_invert, levels
 
 DEFAULT_LAM = 0.5
 DEFAULT_FRAMES = 9
 MAX_FRAMES = 1000  # frames of one interpolation: all of them sit in memory and side by side in strip.png
-DEFAULT_STEPS = DEFAULT_DDIM_STEPS  # DDIM steps when --steps is not given (sample.py's default)
 NOISE_MODES = ("shared", "independent")
 # The forward noise of a fusion is drawn from its own stream, so it is not the first draw of the sampler's noise
 # for the same seed (which would correlate the noise added at step t with the noise the sampler adds next).
@@ -43,6 +44,36 @@ FORWARD_NOISE_STREAM = 0xF0
 SLERP_LINEAR_BELOW = 1e-4     # angle (radians) from 0 or π within which sin θ ≈ 0 and slerp needs its guards
 SLERP_ANTIPODAL_SEED = 0      # the fixed direction an antipodal slerp turns through
 PIXEL_MAX = 255.0             # PSNR on 8-bit images
+
+
+@dataclass(frozen=True)
+class FusionOptions:
+    """What to fuse: the weights λ of the second image, the noise level (paper step t, default T/2), the noise."""
+    lams: tuple = field(default=(DEFAULT_LAM,), metadata=dict(flag="--lam", type=float, min=0.0, max=1.0,
+                                                             min_items=1, help="weights λ of the SECOND image"))
+    t: Optional[int] = field(default=None, metadata=dict(min=1, help="noise level in paper steps 1 … T"))
+    noise: str = field(default="shared", metadata=dict(choices=NOISE_MODES, help="one ε for both, or one each"))
+
+    def check(self, num_timesteps):
+        check_values(self)
+        to_index(self.step(num_timesteps), num_timesteps)
+        return self
+
+    def step(self, num_timesteps):
+        """The paper step t (1 … T) to noise to: --t, or half of the chain."""
+        return default_t(num_timesteps) if self.t is None else self.t
+
+
+@dataclass(frozen=True)
+class InterpolationOptions:
+    """How to interpolate: frames including both ends, and the DDIM steps of the inversion (default: decoding's)."""
+    frames: int = field(default=DEFAULT_FRAMES, metadata=dict(min=2, max=MAX_FRAMES,
+                                                              help="frames including both ends"))
+    inversion_steps: Optional[int] = field(default=None, metadata=dict(min=1, help="DDIM steps of the inversion"))
+
+    def check(self):
+        check_values(self)
+        return self
 
 
 # ---- inputs and the timestep convention ----------------------------------------------------------------------
@@ -76,13 +107,14 @@ def forward_noise(seeds, shape, noise="shared"):
     return eps_a, (eps_a if noise == "shared" else gen.next())
 
 
-def mix_noised(diffusion, a, b, lam, t, eps_a, eps_b, noise="shared"):
+def mix_noised(diffusion, images, lam, t, noises, noise="shared"):
     """q_sample((1 − λ)·a + λ·b, t, ε_mix): [B, 3, S, S], with ε_mix = (1 − λ)·ε_a + λ·ε_b scaled to unit variance.
 
-    a, b [3, S, S] (or [B, 3, S, S]); lam [B]; t a schedule index; eps_a, eps_b [B, 3, S, S]. Shared noise
-    (ε_a = ε_b) mixes to ε itself, so this is (1 − λ)·x_t^a + λ·x_t^b exactly; independent noise mixes to variance
-    (1 − λ)² + λ², which is divided out so that x_t has the noise level of step t.
+    images: (a, b), each [3, S, S] (or [B, 3, S, S]); lam [B]; t a schedule index; noises: (ε_a, ε_b), each
+    [B, 3, S, S]. Shared noise (ε_a = ε_b) mixes to ε itself, so this is (1 − λ)·x_t^a + λ·x_t^b exactly;
+    independent noise mixes to variance (1 − λ)² + λ², which is divided out so that x_t has the noise level of step t.
     """
+    (a, b), (eps_a, eps_b) = images, noises
     batch = eps_a.shape[0]
     tt = torch.full((batch,), t, dtype=torch.long)
     w = lam.view(-1, 1, 1, 1).to(eps_a.dtype)
@@ -93,34 +125,36 @@ def mix_noised(diffusion, a, b, lam, t, eps_a, eps_b, noise="shared"):
 
 
 @torch.no_grad()
-def fuse_rows(gen, a, b, lams, t, seeds, cond=None, noise="shared", batch_size=256, progress=None, **sample_kw):
+def fuse_rows(loaded, a, b, fusion, options, cond=None, callback=None):
     """Fusions of a and b ([3, S, S] in [−1, 1]), made lazily: yields (the chunk's seeds, float [k, L, 3, S, S]),
-    one row of L = len(lams) fusions per seed, so a caller that writes each chunk holds one chunk in memory.
+    one row of L = len(fusion.lams) fusions per seed of options.seeds(), so a caller that writes each chunk holds
+    one chunk in memory.
 
-    gen: a diffusion `LoadedModel`; t: schedule index (0 … T−1); cond: rows cycled over the seeds (generate.cycle:
-    seed j gets row j % P) or None; sample_kw: sampler, steps, eta, cfg_scale, clip_x0 as for `LoadedModel.sample`.
+    loaded: a diffusion generate.LoadedModel; fusion: FusionOptions; options: generate.SamplingOptions (the sampler,
+    guidance, seeds and batch); cond: rows cycled over the seeds (generate.cycle: seed j gets row j % P) or None.
     A batch holds whole rows: max(1, batch_size // L) seeds. Image (seed s, λ) draws its forward noise and its
     sampler noise from s alone, so one seed's row differs only in λ, whatever the batch size.
     """
-    per_batch = max(1, batch_size // len(lams))
+    lams, seeds = fusion.lams, options.seeds()
+    t = to_index(fusion.step(loaded.diffusion.num_timesteps), loaded.diffusion.num_timesteps)
+    per_batch = max(1, options.batch_size // len(lams))
     lam_row = torch.tensor(lams, dtype=torch.float32)
     for i in range(0, len(seeds), per_batch):
         chunk = seeds[i: i + per_batch]
         job_seeds = [s for s in chunk for _ in lams]
-        eps_a, eps_b = forward_noise(job_seeds, a.shape, noise)
-        x_t = mix_noised(gen.diffusion, a, b, lam_row.repeat(len(chunk)), t, eps_a, eps_b, noise)
+        eps_a, eps_b = forward_noise(job_seeds, a.shape, fusion.noise)
+        x_t = mix_noised(loaded.diffusion, (a, b), lam_row.repeat(len(chunk)), t, (eps_a, eps_b), fusion.noise)
         c = cycle(cond, i, i + len(chunk))
         c = None if c is None else c.repeat_interleave(len(lams), dim=0)
-        x = gen.sample(job_seeds, c, x_start=x_t, t_start=t, **sample_kw).float().cpu()
-        if progress:
-            progress((i + len(chunk)) * len(lams), len(seeds) * len(lams))
+        x = loaded.sample(job_seeds, c, options, x_start=x_t, t_start=t).float().cpu()
+        if callback:
+            callback((i + len(chunk)) * len(lams), len(seeds) * len(lams))
         yield chunk, x.view(len(chunk), len(lams), *a.shape)
 
 
-def fuse(gen, a, b, lams, t, seeds, cond=None, noise="shared", batch_size=256, progress=None, **sample_kw):
+def fuse(loaded, a, b, fusion, options, cond=None):
     """All fusions at once: float [len(seeds), len(lams), 3, S, S] (see fuse_rows)."""
-    return torch.cat([x for _, x in fuse_rows(gen, a, b, lams, t, seeds, cond, noise, batch_size, progress,
-                                              **sample_kw)])
+    return torch.cat([x for _, x in fuse_rows(loaded, a, b, fusion, options, cond)])
 
 
 # ---- interpolation --------------------------------------------------------------------------------------------
@@ -155,32 +189,33 @@ def _repeat_cond(cond, n):
 
 
 @torch.no_grad()
-def interpolate(gen, a, b, frames, cond=None, steps=DEFAULT_STEPS, inversion_steps=None, cfg_scale=1.0,
-                clip_x0=False, batch_size=256, progress=None, autoguidance=1.0):
+def interpolate(loaded, a, b, interpolation, options, cond=None, callback=None):
     """DDIM-inversion interpolation: (frames float [F, 3, S, S], latents [2, 3, S, S]).
 
-    Both inputs are inverted to x_T with `inversion_steps` (default `steps`) η = 0 steps, the latents slerped at
-    α = 0, 1/(F−1), …, 1, and each frame decoded with `steps` η = 0 DDIM steps. Decoding does not clip x0̂ by
-    default: the inversion cannot clip, and clipping only one direction breaks the round trip (on CIFAR cats it
-    cost 12 dB of endpoint PSNR). Runs in float32 without autocast: the round trip is only as exact as the
-    arithmetic. cond: a single condition ([1] or [1, K]) or None. Inversion and decoding use the same model function
-    (with `cfg_scale` and `autoguidance`), so the round trip stays exact.
+    Both inputs are inverted to x_T with `interpolation.inversion_steps` (default the decoder's) η = 0 steps, the
+    latents slerped at α = 0, 1/(F−1), …, 1, and each frame decoded by options.sampler (deterministic DDIM).
+    Neither clips x0̂: the inversion cannot clip, and clipping only one direction breaks the round trip (on CIFAR
+    cats it cost 12 dB of endpoint PSNR). Runs in float32 without autocast: the
+    round trip is only as exact as the arithmetic. cond: a single condition ([1] or [1, K]) or None. Inversion and
+    decoding use the same network function (with options' guidance), so the round trip stays exact.
     """
-    device = gen.device
-    x = torch.stack([a, b]).to(device)
-    fn = gen.model_fn(_repeat_cond(cond, 2), cfg_scale, autoguidance)
-    latents = ddim_invert(gen.diffusion, fn, x, inversion_steps or steps)
-    alphas = np.linspace(0.0, 1.0, frames)
-    z = torch.stack([slerp(latents[0], latents[1], float(al)) for al in alphas])
+    diffusion, frames = loaded.diffusion, interpolation.frames
+    decoder = replace(options.sampler, clip_x0=False)
+    inversion = replace(decoder, steps=interpolation.inversion_steps or decoder.calls())
+    fn = loaded.network_fn(_repeat_cond(cond, 2), options.guidance_scale, options.autoguidance)
+    denoise = Denoiser(diffusion, fn, clip_x0=False)
+    latents = ddim_invert(denoise, torch.stack([a, b]).to(loaded.device), levels(inversion, diffusion))
+    z = torch.stack([slerp(latents[0], latents[1], float(al)) for al in np.linspace(0.0, 1.0, frames)])
     out = []
-    for i in range(0, frames, batch_size):
-        zb = z[i: i + batch_size]
-        fn = gen.model_fn(_repeat_cond(cond, len(zb)), cfg_scale, autoguidance)
-        # η = 0: the seeds draw no noise; they are only there because the sampler takes one per image.
-        out.append(sample("ddim", gen.diffusion, fn, tuple(a.shape), [0] * len(zb), device, steps, 0.0, clip_x0,
-                          x_start=zb).float().cpu())
-        if progress:
-            progress(i + len(zb), frames)
+    for i in range(0, frames, options.batch_size):
+        zb = z[i: i + options.batch_size]
+        fn = loaded.network_fn(_repeat_cond(cond, len(zb)), options.guidance_scale, options.autoguidance)
+        denoise = Denoiser(diffusion, fn, clip_x0=False)
+        # η = 0: the noise source is never drawn from; the sampler takes one all the same.
+        noise = ImageNoise([0] * len(zb), a.shape, loaded.device)
+        out.append(ddim(denoise, zb, levels(decoder, diffusion), noise).float().cpu())
+        if callback:
+            callback(i + len(zb), frames)
     return torch.cat(out), latents.cpu()
 
 
@@ -194,123 +229,3 @@ def strip(a_uint8, middle_uint8, b_uint8):
     """One row a | middle … | b (uint8 [H, W, 3] each, middle [M, H, W, 3]) as a uint8 image, 2-px white gaps."""
     row = np.concatenate([a_uint8[None], middle_uint8, b_uint8[None]])
     return make_grid(row, ncol=len(row))
-
-
-# ---- command line (flags added to sample.py) -------------------------------------------------------------------
-def add_args(p):
-    """Add the fusion/interpolation flags to sample.py's parser."""
-    g = p.add_argument_group("fusion and interpolation (docs/fusion.md)")
-    g.add_argument("--fuse", nargs="+", metavar="IMAGE", default=None,
-                   help="fuse two images A B: noise both to --t, mix (1−λ)·A + λ·B, denoise to 0; writes fused*.png "
-                        "and strip*.png (A | fusions | B). --n fusions per λ (default 1), seeds --seed …")
-    g.add_argument("--interpolate", nargs="+", metavar="IMAGE", default=None,
-                   help="interpolate two images A B: DDIM-invert both to x_T, slerp, decode --frames frames "
-                        "(frame_*.png, strip.png); prints the endpoints' reconstruction PSNR")
-    g.add_argument("--lam", nargs="+", type=float, default=None,
-                   help=f"fusion weight(s) λ ∈ [0, 1] of the SECOND image B: 0 = A, 1 = B (default {DEFAULT_LAM}); "
-                        "several λ give one strip per seed")
-    g.add_argument("--t", type=int, default=None,
-                   help="fusion noise level in paper steps 1 … T (default T/2: 500 for T = 1000); "
-                        "schedule index t−1")
-    g.add_argument("--noise", choices=NOISE_MODES, default=None,
-                   help="fusion noise: shared (default; one ε for both, the mix is the forward process of the "
-                        "pixel mix) or independent (one ε each)")
-    g.add_argument("--frames", type=int, default=None,
-                   help=f"interpolation frames including both ends, ≥ 2 (default {DEFAULT_FRAMES})")
-    g.add_argument("--inversion-steps", type=int, default=None,
-                   help="DDIM steps of the inversion (default: --steps, which gives the closest round trip)")
-
-
-FUSE_ONLY = ("lam", "t", "noise")
-INTERPOLATE_ONLY = ("frames", "inversion_steps")
-
-
-def _flags(args, names):
-    return [f"--{k.replace('_', '-')}" for k in names if getattr(args, k) is not None]
-
-
-def check_args(args, gen, opts):
-    """Every user mistake of a fusion/interpolation command as one UserError, before any image is read.
-    (sample.py has already refused two modes at once, --n with --interpolate, and checked the sampling options.)"""
-    mode = "--fuse" if args.fuse else "--interpolate"
-    if gen.kind != "ddpm":
-        raise UserError(f"{mode} needs a diffusion model; {args.ckpt} is a {gen.kind.upper()} checkpoint")
-    paths = args.fuse or args.interpolate
-    if len(paths) != 2:
-        raise UserError(f"{mode} takes exactly two images A B (got {len(paths)})")
-    if args.fuse:
-        if _flags(args, INTERPOLATE_ONLY):
-            raise UserError(f"{' '.join(_flags(args, INTERPOLATE_ONLY))} only apply to --interpolate")
-        for lam in args.lam or ():
-            if not 0.0 <= lam <= 1.0:  # also false for NaN
-                raise UserError(f"--lam must be in [0, 1] (λ is the weight of the second image) (got {lam})")
-        if args.t is not None:
-            to_index(args.t, gen.diffusion.num_timesteps)
-    else:
-        if _flags(args, FUSE_ONLY):
-            raise UserError(f"{' '.join(_flags(args, FUSE_ONLY))} only apply to --fuse")
-        if args.frames is not None and not 2 <= args.frames <= MAX_FRAMES:
-            raise UserError(f"--frames must be between 2 (the two inputs' ends) and {MAX_FRAMES} (got {args.frames})")
-        if args.inversion_steps is not None and args.inversion_steps < 1:
-            raise UserError(f"--inversion-steps must be at least 1 (got {args.inversion_steps})")
-        if args.sampler not in (None, "ddim") or opts.eta > 0 or opts.spacing != "uniform":
-            raise UserError("--interpolate inverts and decodes with deterministic DDIM (η = 0, uniform steps); "
-                            "drop --sampler / --eta / --spacing")
-        if args.classes and len(args.classes) > 1:
-            raise UserError("--interpolate takes one --class (both inputs are encoded with it)")
-
-
-def condition(args, gen):
-    """The condition rows cycled over the seeds; a class model needs --class (fusion must not cycle through every
-    class)."""
-    if gen.labels["kind"] == "class" and not args.classes:
-        raise UserError(f"this model is class-conditional; give the inputs' class with --class "
-                        f"(one of {', '.join(gen.labels['names'])})")
-    return gen.parse_condition(args.classes, args.labels)
-
-
-def run(args, gen, opts):
-    """sample.py's --fuse / --interpolate mode. Returns the exit code."""
-    check_args(args, gen, opts)
-    a, b = (load_image(p, gen.image_size) for p in (args.fuse or args.interpolate))
-    cond = condition(args, gen)
-    out = prepare_output_dir(args.out)
-    a8, b8 = to_pixels(torch.stack([a, b]))
-    if args.fuse:
-        return _run_fusion(args, gen, opts, a, b, a8, b8, cond, out)
-    return _run_interpolation(args, gen, opts, a, b, a8, b8, cond, out)
-
-
-def _run_fusion(args, gen, opts, a, b, a8, b8, cond, out):
-    """--n fusions per λ (default 1), written seed by seed as they are made."""
-    T = gen.diffusion.num_timesteps
-    t_user = default_t(T) if args.t is None else args.t
-    lams = args.lam or [DEFAULT_LAM]
-    noise = args.noise or "shared"
-    single = opts.n == 1 and len(lams) == 1
-    rows = fuse_rows(gen, a, b, lams, to_index(t_user, T), opts.seeds(), cond, noise, opts.batch_size, Progress(),
-                     **opts.sample_kw)
-    for seeds, fused in rows:
-        for s, row in zip(seeds, fused):
-            row = to_pixels(row)  # [L, S, S, 3]
-            for lam, img in zip(lams, row):
-                save_png(img, os.path.join(out, "fused.png" if single else f"fused_seed{s:06d}_lam{lam:g}.png"))
-            save_png(strip(a8, row, b8), os.path.join(out, "strip.png" if single else f"strip_seed{s:06d}.png"))
-    print(f"wrote {opts.n * len(lams)} fusion(s) and {opts.n} strip(s) (A | λ = {', '.join(f'{x:g}' for x in lams)} "
-          f"| B) to {out}: t = {t_user} of T = {T}, {noise} noise, {opts.sampler} sampler")
-    return 0
-
-
-def _run_interpolation(args, gen, opts, a, b, a8, b8, cond, out):
-    frames = args.frames or DEFAULT_FRAMES
-    decoded, _ = interpolate(gen, a, b, frames, cond, opts.steps, args.inversion_steps, opts.cfg_scale,
-                             clip_x0=False, batch_size=opts.batch_size, progress=Progress(),
-                             autoguidance=opts.autoguidance)
-    imgs = to_pixels(decoded)
-    for k, img in enumerate(imgs):
-        save_png(img, os.path.join(out, f"frame_{k:03d}.png"))
-    save_png(strip(a8, imgs, b8), os.path.join(out, "strip.png"))
-    print(f"wrote {frames} frames and strip.png to {out}; endpoint reconstruction PSNR: "
-          f"A {psnr(imgs[0], a8):.2f} dB, B {psnr(imgs[-1], b8):.2f} dB "
-          f"(inversion {args.inversion_steps or opts.steps} steps, decoding {opts.steps} steps)")
-    return 0

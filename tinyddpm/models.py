@@ -2,6 +2,7 @@
 import numpy as np
 import torch
 
+from . import dcgan, unet
 from .diffusion import GaussianDiffusion
 
 IMAGE_CHANNELS = 3
@@ -26,31 +27,23 @@ def grid_condition(label_info, n, device):
 def check_architecture(cfg):
     """The network's shape rules for cfg (config.validate calls this before anything is built or written)."""
     if cfg.model == "dcgan":
-        from .dcgan import num_doublings
-
-        num_doublings(cfg.data.image_size)
+        dcgan.num_doublings(cfg.data.image_size)
     else:
-        from .unet import check_config
-
-        check_config(cfg.unet, cfg.data.image_size)
+        unet.check_config(cfg.unet, cfg.data.image_size)
 
 
 def build_unet(cfg, labels):
     """The diffusion U-Net; 2C output channels when the variance is learned."""
-    from .unet import UNet
-
     out = IMAGE_CHANNELS * (2 if cfg.diffusion.learn_sigma else 1)
-    return UNet(cfg.unet, cfg.data.image_size, IMAGE_CHANNELS, out, labels["kind"], len(labels["names"]))
+    return unet.UNet(cfg.unet, cfg.data.image_size, IMAGE_CHANNELS, out, labels["kind"], len(labels["names"]))
 
 
 def build_gan(cfg, labels):
     """(Generator, Discriminator) for a DCGAN run."""
-    from .dcgan import Discriminator, Generator, init_weights
-
-    args = (cfg.gan, cfg.data.image_size, IMAGE_CHANNELS, labels["kind"], len(labels["names"]))
-    g, d = Generator(*args), Discriminator(*args)
-    g.apply(init_weights)
-    d.apply(init_weights)
+    shape = (cfg.gan, cfg.data.image_size, IMAGE_CHANNELS, labels["kind"], len(labels["names"]))
+    g, d = dcgan.Generator(*shape), dcgan.Discriminator(*shape)
+    g.apply(dcgan.init_weights)
+    d.apply(dcgan.init_weights)
     return g, d
 
 

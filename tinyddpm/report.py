@@ -28,14 +28,15 @@ report_nearest[_<class>].png (the samples nearest to the training set, each besi
 """
 import json
 import os
-import sys
 import time
 import warnings
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
+import torch
 
+from .constants import GRID_IMAGES
 from .data import CIFAR10_CLASSES
 from .errors import UserError
 from .files import atomic_write_bytes, prepare_output_dir
@@ -43,38 +44,20 @@ from .imageio import make_grid, save_png
 from .sources import CifarReference, is_cifar_reference, parse_cifar_reference
 
 REPORT_N = 1000  # images per report when --n is not given: the FID-1k protocol of the reports this grew from
-GRID_IMAGES = 64  # images in each written grid (8 × 8)
 KID_SCALE = 1e3  # KID is printed ×1000, as in the KID paper's tables
 FEATURES = 2048  # Inception pool features: with this many images or fewer the covariances are singular
 
 
-def add_args(p):
-    """sample.py's flags for this mode."""
-    g = p.add_argument_group("quality report (FID/KID against the dataset's reference split and its floor)")
-    g.add_argument("--report", action="store_true",
-                   help=f"generate --n images (default {REPORT_N}), print FID, KID and the real-vs-real floor")
-    g.add_argument("--ref", default=None,
-                   help="reference: a dataset reference (cifar10:cat:test; default: the test split of the model's "
-                        "classes), a folder, a .npz statistics file or a .npy image array")
-    g.add_argument("--data-dir", default=None,
-                   help="where CIFAR-10 is read for the reference and floor (default: the checkpoint's --data-dir)")
-    g.add_argument("--inception-weights", default=None, metavar="PATH",
-                   help="FID Inception weights (default: found as fid.py finds them, docs/fid.md)")
-    g.add_argument("--cache-dir", default=None,
-                   help="where reference features are cached (default ~/.cache/tinyddpm/fid)")
-    g.add_argument("--skip-bad", action="store_true", default=None,
-                   help="skip unreadable images in a --ref folder (and say how many)")
-    g.add_argument("--train-images", type=int, default=None, metavar="M",
-                   help="memorisation check: search the first M (at least --n) train images of the model's classes "
-                        "for each sample's nearest (default: all of them; 0: no check)")
-
-
-REPORT_ONLY = ("ref", "data_dir", "inception_weights", "cache_dir", "skip_bad", "train_images")
-
-
-def wanted(args):
-    """True when any flag of this mode was given (so a stray --ref is an error, not silently ignored)."""
-    return bool(args.report or any(getattr(args, k) is not None for k in REPORT_ONLY))
+@dataclass(frozen=True)
+class ReportOptions:
+    """What to measure against (sample.py --report's own flags)."""
+    ref: Optional[str] = None  # a dataset reference, folder, .npz or .npy (default: the test split of the classes)
+    data_dir: Optional[str] = None  # where CIFAR-10 is read (default: the checkpoint's --data-dir)
+    inception_weights: Optional[str] = None
+    cache_dir: Optional[str] = None  # reference features (default ~/.cache/tinyddpm/fid)
+    skip_bad: bool = False  # skip unreadable images of a --ref folder
+    train_images: Optional[int] = None  # memorisation: search the first M train images (None: all; 0: no check)
+    classes: tuple = ()  # a class model's classes to report (default: all it knows)
 
 
 # ------------------------------------------------------------------------------------------------ what to measure
@@ -88,9 +71,9 @@ class Row:
     train: Optional[CifarReference] = None  # train images searched for copies (floor ⊂ train); None: no such check
 
 
-def _model_classes(gen):
+def _model_classes(loaded):
     """CIFAR-10 indices the checkpoint was trained on, or None when it was not trained on CIFAR-10."""
-    data = gen.cfg.data
+    data = loaded.cfg.data
     if data.dataset != "cifar":
         return None
     return tuple(parse_cifar_reference(f"cifar10:{','.join(map(str, data.classes)) or 'all'}:test").classes)
@@ -103,59 +86,48 @@ def _dataset_row(label, cond_index, classes, n, train_images, ref=None):
     return Row(label, cond_index, ref.spec, split.with_count(n), train)
 
 
-def plan(args, gen, n):
-    """The report's rows, with every way the request can be wrong caught before anything slow happens."""
-    if not args.report:
-        flags = " ".join(f"--{k.replace('_', '-')}" for k in REPORT_ONLY if getattr(args, k) is not None)
-        raise UserError(f"{flags} only apply with --report")
+def plan(loaded, request, n):
+    """The report's rows for ReportOptions `request`, with every way it can be wrong caught before anything slow."""
     if n < 2:
         raise UserError(f"--n must be at least 2 for a report (a covariance needs two images; got {n})")
-    if args.train_images is not None and args.train_images < 0:
-        raise UserError(f"--train-images must be 0 (no memorisation check) or more (got {args.train_images})")
-    kind, model_classes = gen.labels["kind"], _model_classes(gen)
+    if request.train_images is not None and request.train_images < 0:
+        raise UserError(f"--train-images must be 0 (no memorisation check) or more (got {request.train_images})")
+    kind, model_classes = loaded.labels["kind"], _model_classes(loaded)
     if kind == "multilabel":
         raise UserError("the quality report is for CIFAR-10 and image-folder models; score a shapes model with "
                         "--eval-labels --evaluator runs/evaluator.pt (docs/conditional.md)")
-    if args.labels:
-        raise UserError("--labels is for shapes models; a report on a class model takes --class")
-    if kind == "none" and args.classes:
+    if kind == "none" and request.classes:
         raise UserError("this model is unconditional; drop --class (the report uses the classes it was trained on)")
-    if gen.kind == "ddpm" and args.cfg_scale is not None and kind == "none":
-        raise UserError("--cfg-scale needs a conditional model; this one is unconditional")
-    names = gen.labels["names"] if kind == "class" else None
+    names, ref_spec, train_images = loaded.labels["names"], request.ref, request.train_images
     if kind == "class":
-        asked = [str(c).strip().lower() for c in (args.classes or names)]
-        for c in asked:
-            if c not in names:
-                raise UserError(f"class {c!r} was not trained; this model knows: {', '.join(names)}")
-        asked = list(dict.fromkeys(asked))
-    if args.ref is None:
+        asked = list(dict.fromkeys(names[loaded.class_index(c)] for c in (request.classes or names)))
+    if ref_spec is None:
         if model_classes is None:
-            raise UserError(f"this model was trained on --dataset {gen.cfg.data.dataset}, which has no built-in "
+            raise UserError(f"this model was trained on --dataset {loaded.cfg.data.dataset}, which has no built-in "
                             "reference split; pass --ref with a folder of held-out images or a .npz statistics file")
         if kind == "class":  # one row per class, each against that class's test images
-            return [_dataset_row(c, names.index(c), [CIFAR10_CLASSES.index(c)], n, args.train_images) for c in asked]
+            return [_dataset_row(c, names.index(c), [CIFAR10_CLASSES.index(c)], n, train_images) for c in asked]
         return [_dataset_row("all" if len(model_classes) == len(CIFAR10_CLASSES) else
                              ",".join(CIFAR10_CLASSES[i] for i in model_classes), None, model_classes, n,
-                             args.train_images)]
+                             train_images)]
     if kind == "class" and len(asked) != 1:
         raise UserError("--ref names one reference, so a report on a class model with --ref needs one --class")
     label, cond_index = (asked[0], names.index(asked[0])) if kind == "class" else ("all", None)
-    if not is_cifar_reference(args.ref) or os.path.exists(args.ref):
-        return [Row(label, cond_index, args.ref, None)]  # a folder or a file: no train split to take a floor from
-    ref = parse_cifar_reference(args.ref)
+    if not is_cifar_reference(ref_spec) or os.path.exists(ref_spec):
+        return [Row(label, cond_index, ref_spec, None)]  # a folder or a file: no train split to take a floor from
+    ref = parse_cifar_reference(ref_spec)
     trained = model_classes if kind != "class" else (CIFAR10_CLASSES.index(asked[0]),)
     if trained is None:
-        raise UserError(f"this model was trained on --dataset {gen.cfg.data.dataset}, not CIFAR-10, so {args.ref} "
+        raise UserError(f"this model was trained on --dataset {loaded.cfg.data.dataset}, not CIFAR-10, so {ref_spec} "
                         f"is not its reference; pass --ref with held-out images of its own data")
     if sorted(ref.classes) != sorted(trained):
         want = CifarReference(tuple(trained), "test").spec
-        raise UserError(f"{args.ref} holds other classes than the model makes "
+        raise UserError(f"{ref_spec} holds other classes than the model makes "
                         f"({','.join(CIFAR10_CLASSES[i] for i in trained)}); pass --ref {want}")
     if ref.split != "test":
-        raise UserError(f"{args.ref} is the train split, which the model was trained on and the floor is taken "
+        raise UserError(f"{ref_spec} is the train split, which the model was trained on and the floor is taken "
                         f"from; use the test split, e.g. --ref {ref.with_count(None).spec.replace(':train', ':test')}")
-    return [_dataset_row(label, cond_index, ref.classes, n, args.train_images, ref)]
+    return [_dataset_row(label, cond_index, ref.classes, n, train_images, ref)]
 
 
 # ------------------------------------------------------------------------------------------------ the work
@@ -210,36 +182,23 @@ def memorisation(images, fake, row, ref, train, sources, grid_path):
                 grid=os.path.basename(grid_path), grid_pairs=GRID_PAIRS, **{k: v.summary() for k, v in found.items()})
 
 
-def _settings(opts, gen):
-    if gen.kind != "ddpm":
+def _settings(options, loaded):
+    """How the images were drawn, as the report records it."""
+    if loaded.kind != "ddpm":
         return dict(sampler=None, steps=None, eta=None, cfg_scale=None)
-    return dict(sampler=opts.sampler, steps=gen.diffusion.num_timesteps if opts.sampler == "ddpm" else opts.steps,
-                eta=opts.eta, cfg_scale=None if gen.labels["kind"] == "none" else opts.cfg_scale,
-                spacing=opts.spacing, churn=opts.churn, autoguidance=opts.autoguidance,
-                guide_step=gen.guide_step if opts.autoguidance != 1.0 else None)
+    sampler = options.sampler
+    return dict(sampler=sampler.name,
+                steps=loaded.diffusion.num_timesteps if sampler.name == "ddpm" else sampler.calls(),
+                eta=sampler.eta, cfg_scale=None if loaded.labels["kind"] == "none" else options.guidance_scale,
+                spacing=sampler.spacing, churn=sampler.churn, autoguidance=options.autoguidance,
+                guide_step=loaded.guide_step if options.autoguidance != 1.0 else None)
 
 
-def generate(gen, row, opts, progress):
-    """uint8 [n, S, S, 3] for a row; image i uses seed --seed + i."""
-    import torch
-
-    cond = None if row.cond_index is None else torch.full((opts.n,), row.cond_index, dtype=torch.long)
-    return gen.images(opts.seeds(), cond, opts.batch_size, progress, **opts.sample_kw)
-
-
-def run(args, gen, opts):
-    """sample.py --report. Returns the exit code."""
-    from .inception import load_inception
+def _read_references(rows, data_dir, n):
+    """Every reference, floor and training set of the rows, read (and checked) before anything slow starts:
+    {spec: Source}. The floor is the first n images of the training set when there is one, so it is not read twice."""
     from .sources import resolve_source
-    from .statistics import Measurement, check_dimensions, default_cache_dir, feature_batch, features_from_uint8
 
-    t_start = time.perf_counter()
-    n = opts.n  # sampling options resolved and checked once by sample.py (REPORT_N unless --n is given)
-    rows = plan(args, gen, n)
-    data_dir = args.data_dir or gen.cfg.data.data_dir
-    cache_dir = args.cache_dir or default_cache_dir()
-    # Every reference, floor and training set is read (and checked) before anything slow starts. The floor is
-    # the first n images of the training set when there is one, so it is not read twice.
     wanted = [row.ref for row in rows] + [(row.train or row.floor).spec for row in rows if row.floor is not None]
     sources = {spec: resolve_source(spec, data_dir) for spec in dict.fromkeys(wanted)}
     for spec in wanted[len(rows):]:
@@ -251,14 +210,27 @@ def run(args, gen, opts):
         if source.kind != "stats" and n > len(source):
             raise UserError(f"--n {n} is more than the {len(source)} images of the reference {row.ref}; use "
                             f"--n {len(source)} or less (the floor must compare as many real images)")
-    prepare_output_dir(args.out)  # sample.py removes it again if the report stops before writing into it
-    model = load_inception(args.inception_weights, gen.device)
-    check_dimensions([sources[row.ref] for row in rows], model, gen.device)
-    feat_batch = feature_batch(args.batch_size, gen.device)  # --batch-size is the sampling batch
-    real = {spec: measure_reference(source, model, cache_dir, feat_batch, gen.device, bool(args.skip_bad))
+    return sources
+
+
+def run_report(loaded, request, options, out, log=None):
+    """Generate options.n images per row (plan), measure them and their floors, and write report.json, report.md
+    and the images into the folder `out`, created here (after every check). Returns the summary (as report.json).
+    log(message): progress lines."""
+    from .inception import load_inception
+    from .statistics import Measurement, check_dimensions, default_cache_dir, feature_batch, features_from_uint8
+
+    say = log or (lambda message: None)
+    t_start, n = time.perf_counter(), options.n
+    rows = plan(loaded, request, n)
+    sources = _read_references(rows, request.data_dir or loaded.cfg.data.data_dir, n)
+    prepare_output_dir(out)
+    model = load_inception(request.inception_weights, loaded.device)
+    check_dimensions([sources[row.ref] for row in rows], model, loaded.device)
+    feat_batch = feature_batch(options.batch_size, loaded.device)  # options.batch_size is the sampling batch
+    cache_dir = request.cache_dir or default_cache_dir()
+    real = {spec: measure_reference(source, model, cache_dir, feat_batch, loaded.device, request.skip_bad)
             for spec, source in sources.items()}
-    settings = _settings(opts, gen)
-    say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     results = []
     for row in rows:
         t_row = time.perf_counter()
@@ -270,38 +242,37 @@ def run(args, gen, opts):
             say(f"{row.label}: generated {done}/{total} | {done / dt:.2f} img/s | ETA {(total - done) * dt / done:.0f}s")
 
         t_gen = time.perf_counter()
-        images = generate(gen, row, opts, progress)
+        cond = None if row.cond_index is None else torch.full((n,), row.cond_index, dtype=torch.long)
+        images = loaded.images(cond, options, progress)
         gen_seconds = time.perf_counter() - t_gen
-        fake = Measurement.from_features(features_from_uint8(images, model, feat_batch, gen.device,
+        fake = Measurement.from_features(features_from_uint8(images, model, feat_batch, loaded.device,
                                                              progress=True))
         suffix = "" if len(rows) == 1 else f"_{row.label}"
-        _save_array(images, os.path.join(args.out, f"report_images{suffix}.npy"))
-        save_png(make_grid(images[:GRID_IMAGES]), os.path.join(args.out, f"report_grid{suffix}.png"))
+        _save_array(images, os.path.join(out, f"report_images{suffix}.npy"))
+        save_png(make_grid(images[:GRID_IMAGES]), os.path.join(out, f"report_grid{suffix}.png"))
         fid_, floor_fid = fid(fake, ref), None if floor is None else fid(floor, ref)
         (precision, recall), floor_pr = precision_recall(ref, fake), precision_recall(ref, floor)
         results.append(dict(
             condition=row.label if row.cond_index is not None else None, reference=row.ref,
             reference_images=ref.n, floor_reference=None if row.floor is None else row.floor.spec,
             fid=fid_, floor=floor_fid, ratio=None if floor_fid is None else fid_ / floor_fid,
-            kid=kid(fake, ref, opts.seed), floor_kid=None if floor is None else kid(floor, ref, opts.seed),
+            kid=kid(fake, ref, options.seed), floor_kid=None if floor is None else kid(floor, ref, options.seed),
             precision=precision, recall=recall, floor_precision=floor_pr[0], floor_recall=floor_pr[1],
             memorisation=memorisation(images, fake, row, ref, train, sources,
-                                      os.path.join(args.out, f"report_nearest{suffix}.png")),
+                                      os.path.join(out, f"report_nearest{suffix}.png")),
             generate_seconds=gen_seconds,
             seconds=time.perf_counter() - t_row))
-    summary = dict(ckpt=os.fspath(args.ckpt), model=gen.kind, step=gen.step, n=n, seed=opts.seed, **settings,
-                   ema=not args.raw, device=str(gen.device), inception=model.weights_id, results=results,
-                   wall_seconds=time.perf_counter() - t_start)
-    # A path that is not UTF-8 (undecodable bytes arrive as surrogates) is shown with \x escapes, not a crash.
-    table = markdown(summary).encode("utf-8", "backslashreplace").decode("utf-8")
-    atomic_write_bytes(os.path.join(args.out, "report.json"), (json.dumps(summary, indent=2) + "\n").encode())
-    atomic_write_bytes(os.path.join(args.out, "report.md"), table.encode())
-    if n <= FEATURES:
-        say(f"note: FID-{n} with {n} ≤ {FEATURES} images is biased upwards; compare it only with its floor "
-            f"(same N, same reference) and with other FID-{n} figures")
-    print(table, end="")
-    print(f"wrote report.json, report.md and the generated images to {args.out}")
-    return 0
+    summary = dict(ckpt=os.fspath(loaded.path), model=loaded.kind, step=loaded.step, n=n, seed=options.seed,
+                   **_settings(options, loaded), ema=loaded.use_ema, device=str(loaded.device),
+                   inception=model.weights_id, results=results, wall_seconds=time.perf_counter() - t_start)
+    atomic_write_bytes(os.path.join(out, "report.json"), (json.dumps(summary, indent=2) + "\n").encode())
+    atomic_write_bytes(os.path.join(out, "report.md"), printable(markdown(summary)).encode())
+    return summary
+
+
+def printable(text):
+    """A path that is not UTF-8 (undecodable bytes arrive as surrogates) is shown with \\x escapes, not a crash."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _save_array(images, path):

@@ -14,10 +14,12 @@ from . import data as data_mod
 from . import distributed as dist
 from .devices import autocast
 from .ema import EMA, Snapshot
+from .errors import UserError
 from .imageio import make_grid, save_png, to_pixels
 from .models import build_diffusion, build_unet, grid_condition
+from .guidance import classifier_free
 from .runs import Run, StopSignals, say, throughput
-from .samplers import guided, sample
+from .samplers import ImageNoise, SamplerOptions, sample
 
 
 def lr_at(step, tcfg):
@@ -30,15 +32,26 @@ def lr_at(step, tcfg):
     return tcfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def grid_sampler(cfg):
+    """The sampler of the training grids (--grid-sampler, --grid-steps, --grid-eta), checked when the run starts
+    rather than at its first grid. ddpm takes all T steps; η applies to ddim only."""
+    t = cfg.train
+    options = SamplerOptions(t.grid_sampler, None if t.grid_sampler == "ddpm" else t.grid_steps,
+                             eta=t.grid_eta if t.grid_sampler == "ddim" else 0.0)
+    try:
+        return options.check(cfg.diffusion.timesteps)
+    except UserError as e:
+        raise UserError(f"the training grids (--grid-sampler {t.grid_sampler}, --grid-steps {t.grid_steps}): {e}") \
+            from None
+
+
 @torch.no_grad()
 def save_grid(ema_model, diffusion, cfg, label_info, device, path):
-    """An EMA sample grid with fixed seeds (the same images at every step, so progress is visible), made by the
-    sampler --grid-sampler names (samplers.sample; ddpm takes all T steps and ignores --grid-steps)."""
+    """An EMA sample grid with fixed seeds (the same images at every step, so progress is visible)."""
     t = cfg.train
     cond = grid_condition(label_info, t.grid_size, device)
-    shape = (3, cfg.data.image_size, cfg.data.image_size)
-    x = sample(t.grid_sampler, diffusion, guided(ema_model, cond), shape, list(range(t.grid_size)), device,
-               steps=t.grid_steps, eta=t.grid_eta)
+    noise = ImageNoise(range(t.grid_size), (3, cfg.data.image_size, cfg.data.image_size), device)
+    x = sample(diffusion, classifier_free(ema_model, cond), grid_sampler(cfg), noise)
     save_png(make_grid(to_pixels(x)), path)
 
 
@@ -63,6 +76,7 @@ def train(cfg, out, device, log=say, skip_nonfinite=False):
     Returns the runs.Run; its `stopped_by` is the name of the signal that stopped training early, or None.
     """
     run = Run(cfg, out, "ddpm", device, log, skip_nonfinite)  # every check; nothing is created yet
+    grid_sampler(cfg)
     world, rank, tcfg = dist.world_size(), dist.rank(), cfg.train
     torch.manual_seed(tcfg.seed)
     data = run.load_data()

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import UNetConfig
+from .constants import COND_KINDS
 from .errors import UserError
 
 NORM_GROUPS = 32  # GroupNorm groups, as in the paper (at ≥ 128 channels)
@@ -34,7 +34,6 @@ NORM_GROUPS = 32  # GroupNorm groups, as in the paper (at ≥ 128 channels)
 MIN_CHANNELS_PER_GROUP = 4
 TIME_EMBED_MULT = 4  # time-embedding width = 4 × base channels
 MAX_PERIOD = 10_000  # longest wavelength of the sinusoidal timestep embedding (as in Transformers)
-COND_KINDS = ("none", "class", "multilabel")
 
 
 def timestep_embedding(t, dim):
@@ -60,7 +59,7 @@ def norm(channels):
     return nn.GroupNorm(norm_groups(channels), channels)
 
 
-def up_block_inputs(cfg: UNetConfig):
+def up_block_inputs(cfg):
     """The input width of every up-path block, in order: the width below it plus the down-path output (skip) it is
     concatenated with. The skips are the stem's output, each down block's and each Downsample's, used last-first."""
     widths = [cfg.base_channels * m for m in cfg.channel_mults]
@@ -75,7 +74,7 @@ def up_block_inputs(cfg: UNetConfig):
     return inputs
 
 
-def check_config(cfg: UNetConfig, image_size: int):
+def check_config(cfg, image_size: int):
     """Every shape rule of the network, checked before anything is built: one UserError naming the flags.
 
     GroupNorm must split each width it normalises evenly: the level widths and the concatenated widths the up path
@@ -178,7 +177,7 @@ class Upsample(nn.Module):
 class Block(nn.Module):
     """One ResBlock, optionally followed by attention: the unit of both the down and the up path."""
 
-    def __init__(self, in_ch, out_ch, emb_dim, cfg: UNetConfig, attn: bool):
+    def __init__(self, in_ch, out_ch, emb_dim, cfg, attn: bool):
         super().__init__()
         self.res = ResBlock(in_ch, out_ch, emb_dim, cfg.dropout, cfg.scale_shift_norm)
         self.attn = Attention(out_ch, cfg.num_heads) if attn else nn.Identity()
@@ -196,7 +195,7 @@ class UNet(nn.Module):
     guidance training); `cond=None` on a conditional model means every condition is dropped.
     """
 
-    def __init__(self, cfg: UNetConfig, image_size: int, in_channels: int = 3, out_channels: int = 3,
+    def __init__(self, cfg, image_size: int, in_channels: int = 3, out_channels: int = 3,
                  cond_kind: str = "none", num_cond: int = 0):
         super().__init__()
         check_config(cfg, image_size)
