@@ -96,6 +96,7 @@ import torch  # noqa: E402
 
 import sample  # noqa: E402
 import train  # noqa: E402
+from tests.hang_guard import fails_instead_of_hanging  # noqa: E402
 from tests.helpers import MICRO_FLAGS, assert_user_error, make_image_folder, run_script  # noqa: E402
 from tinyddpm.config import SECTIONS, RunConfig  # noqa: E402
 from tinyddpm.runfolder import MARKER  # noqa: E402
@@ -116,14 +117,16 @@ def argv(data, out, *extra, kind="ddpm", steps=1):
 
 
 def snapshot(folder):
-    """Every file and folder below `folder` (hidden ones too): relative path → bytes, or None for a folder."""
+    """Every file and folder below `folder` (hidden ones too): relative path → bytes, a link's target, "special" for
+    a FIFO (never opened: that would block), or None for a folder."""
     out = {}
     for dirpath, dirnames, filenames in os.walk(folder):
         for d in dirnames:
             out[os.path.relpath(os.path.join(dirpath, d), folder)] = None
         for f in filenames:
             p = os.path.join(dirpath, f)
-            out[os.path.relpath(p, folder)] = open(p, "rb").read() if not os.path.islink(p) else os.readlink(p)
+            out[os.path.relpath(p, folder)] = (os.readlink(p) if os.path.islink(p) else
+                                               open(p, "rb").read() if os.path.isfile(p) else "special")
     return out
 
 
@@ -206,10 +209,34 @@ def test_empty_folder_and_older_run_folders_are_accepted(tmp_path, capsys):
     edit_checkpoint(out, lambda ck: ck.pop("data"))
     code, _, err = run_script(train, argv(data, out, steps=2), capsys)
     assert code == 0 and "resuming" in err and "at step 1" in err, err
-    (out / MARKER).unlink()
-    (out / "ckpt.pt").unlink()  # killed before its first checkpoint: its config.json says it is a run
+    (out / "ckpt.pt").unlink()  # killed before its first checkpoint: its marker says it is a run
     code, _, err = run_script(train, argv(data, out, steps=1), capsys)
     assert code == 0, err
+
+
+def test_a_copied_config_json_does_not_make_a_folder_a_run(tmp_path, capsys, trained):
+    """config.json is for people to read, and people copy it: alone it never makes a folder a run (a run would
+    replace the log.jsonl and delete the .tmp files beside it)."""
+    data, runs = trained
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_bytes((runs["ddpm"] / "config.json").read_bytes())
+    (mine / "log.jsonl").write_text("my notes\n")
+    (mine / ".draft.tmp").write_text("mine")
+    before = snapshot(mine)
+    code, _, err = run_script(train, argv(data, mine), capsys)
+    assert_user_error(code, err, "not a tinyddpm run", "new or empty folder")
+    assert snapshot(mine) == before
+
+
+def test_a_temp_file_of_the_users_in_a_run_folder_is_kept(tmp_path, capsys, trained):
+    data, runs = trained
+    run = copy_run(runs["ddpm"], tmp_path / "run")
+    (run / ".notes.tmp").write_text("mine")
+    (run / ".ckpt.pt.abc123.tmp").write_bytes(b"half a checkpoint")  # what a killed write leaves
+    code, _, err = run_script(train, argv(data, run, steps=2), capsys)
+    assert code == 0, err
+    assert (run / ".notes.tmp").read_text() == "mine" and not (run / ".ckpt.pt.abc123.tmp").exists()
 
 
 def test_symlinked_out(tmp_path, capsys):
@@ -262,6 +289,13 @@ DAMAGE = {
     "step-negative": lambda ck: ck.update(step=-3),
     "step-a-string": lambda ck: ck.update(step="1"),
     "labels-junk": lambda ck: ck.update(labels="cats"),
+    "optimizer-lr-a-string": lambda ck: ck["optimizers"][_first(ck["optimizers"])]["param_groups"][0].update(
+        lr="0.001"),
+    "optimizer-betas-none": lambda ck: ck["optimizers"][_first(ck["optimizers"])]["param_groups"][0].update(
+        betas=None),
+    "optimizer-eps-none": lambda ck: ck["optimizers"][_first(ck["optimizers"])]["param_groups"][0].update(eps=None),
+    "optimizer-beta-a-string": lambda ck: ck["optimizers"][_first(ck["optimizers"])]["param_groups"][0].update(
+        betas=("0.9", 0.999)),
 }
 
 
@@ -275,6 +309,153 @@ def test_damaged_checkpoint_is_one_line_for_both_loops(tmp_path, capsys, trained
     code, _, err = run_script(train, argv(data, run, kind=kind, steps=3), capsys)
     assert_user_error(code, err, "damaged")
     assert snapshot(run) == before
+
+
+def _first_float(weights):
+    return next(k for k, v in weights.items() if v.is_floating_point())
+
+
+GUIDE_DAMAGE = {  # models["guide"] is {"step": int, "weights": state_dict} (ema.Snapshot)
+    "no-weights": lambda g: g.pop("weights"),
+    "empty-weights": lambda g: g.update(weights={}),
+    "weights-of-another-shape": lambda g: g["weights"].update({_first(g["weights"]): torch.zeros(1)}),
+    "a-missing-tensor": lambda g: g["weights"].pop(_first(g["weights"])),
+    "nan": lambda g: g["weights"][_first_float(g["weights"])].fill_(math.nan),
+    "inf": lambda g: g["weights"][_first_float(g["weights"])].fill_(math.inf),
+    "step-a-string": lambda g: g.update(step="1"),
+    "step-nan": lambda g: g.update(step=math.nan),
+    "step-negative": lambda g: g.update(step=-1),
+    "no-step": lambda g: g.pop("step"),
+}
+
+
+@pytest.mark.parametrize("damage", [*GUIDE_DAMAGE, "a-tensor"])
+def test_damaged_autoguidance_snapshot_is_refused_on_resume(tmp_path, capsys, trained, damage):
+    data, runs = trained
+    run = copy_run(runs["ddpm"], tmp_path / "run")
+    assert torch.load(run / "ckpt.pt", weights_only=True)["models"]["guide"]  # the one-step run kept one
+
+    def edit(ck):
+        if damage == "a-tensor":
+            ck["models"]["guide"] = torch.zeros(3)
+        else:
+            GUIDE_DAMAGE[damage](ck["models"]["guide"])
+    edit_checkpoint(run, edit)
+    before = snapshot(run)
+    code, _, err = run_script(train, argv(data, run, steps=3), capsys)
+    assert_user_error(code, err, "damaged", "autoguidance snapshot")
+    assert snapshot(run) == before
+
+
+def test_a_checkpoint_without_a_snapshot_still_resumes(tmp_path, capsys, trained):
+    data, runs = trained
+    for name, edit in (("older", lambda ck: ck["models"].pop("guide")), ("none-yet", lambda ck: ck["models"].update(
+            guide={}))):
+        run = copy_run(runs["ddpm"], tmp_path / name)
+        edit_checkpoint(run, edit)
+        code, _, err = run_script(train, argv(data, run, steps=2), capsys)
+        assert code == 0 and "at step 1" in err, err
+
+
+# --- out of memory: one line naming the sizes, and a new run leaves nothing behind --------------------------------
+OOM_ERRORS = [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB"),
+              RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried "
+                           "to allocate 68719476736 bytes. Error code 12 (Cannot allocate memory)")]
+MEMORY_FLAGS = {"ddpm": ["--batch-size 4", "--base-channels 32", "--channel-mults 1 1"],
+                "dcgan": ["--batch-size 4", "--g-channels 8", "--d-channels 8"]}
+
+
+def fail_optimizer_steps(monkeypatch, error, after=0):
+    """Every optimizer step after the first `after` raises `error`, as an allocation that does not fit would."""
+    calls = []
+
+    def step(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) > after:
+            raise error
+        return real[type(self)](self, *args, **kwargs)
+
+    real = {cls: cls.step for cls in (torch.optim.Adam, torch.optim.AdamW)}
+    for cls in real:
+        monkeypatch.setattr(cls, "step", step)
+
+
+@pytest.mark.parametrize("error", OOM_ERRORS, ids=["cuda", "cpu"])
+@pytest.mark.parametrize("kind", ["ddpm", "dcgan"])
+def test_out_of_memory_in_a_new_run_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch, kind, error):
+    data, out = images(tmp_path), tmp_path / "runs" / "new"
+    fail_optimizer_steps(monkeypatch, error, after=4)  # a few steps in: log lines and grids written, no checkpoint
+    flags = ["--log-every", "1", "--sample-every", "1", "--save-every", "1000"]
+    code, _, err = run_script(train, argv(data, out, *flags, kind=kind, steps=10), capsys)
+    assert_user_error(code, err, "out of memory", *MEMORY_FLAGS[kind])
+    assert not (tmp_path / "runs").exists()
+    empty = tmp_path / "empty"  # a folder the user made is left, as empty as it was
+    empty.mkdir()
+    code, _, err = run_script(train, argv(data, empty, *flags, kind=kind, steps=10), capsys)
+    assert_user_error(code, err, "out of memory")
+    assert snapshot(empty) == {}
+
+
+@pytest.mark.parametrize("kind", ["ddpm", "dcgan"])
+def test_out_of_memory_on_resume_keeps_the_checkpoint(tmp_path, capsys, monkeypatch, trained, kind):
+    data, runs = trained
+    run = copy_run(runs[kind], tmp_path / "run")
+    ckpt = (run / "ckpt.pt").read_bytes()
+    fail_optimizer_steps(monkeypatch, OOM_ERRORS[0])
+    code, _, err = run_script(train, argv(data, run, kind=kind, steps=3), capsys)
+    assert_user_error(code, err, "out of memory", *MEMORY_FLAGS[kind])
+    assert (run / "ckpt.pt").read_bytes() == ckpt and (run / MARKER).exists()
+
+
+def test_out_of_memory_building_the_gan_is_one_line(tmp_path, capsys, monkeypatch):
+    def build_gan(cfg, labels):
+        raise OOM_ERRORS[1]
+
+    monkeypatch.setattr("tinyddpm.gan_training.build_gan", build_gan)
+    code, _, err = run_script(train, argv(images(tmp_path), tmp_path / "run", kind="dcgan"), capsys)
+    assert_user_error(code, err, "out of memory", *MEMORY_FLAGS["dcgan"])
+    assert not (tmp_path / "run").exists()
+
+
+# --- the run's own files: plain files, or refused before anything changes ------------------------------------------
+def _dangling(path, tmp_path):
+    path.unlink()
+    path.symlink_to(tmp_path / "nowhere")
+
+
+def _loop(path, tmp_path):
+    path.unlink()
+    path.symlink_to(path.name)
+
+
+def _fifo(path, tmp_path):
+    path.unlink()
+    os.mkfifo(path)
+
+
+def _link_to_elsewhere(path, tmp_path):
+    """The real file moved out of the folder, a link in its place: the run would replace the link by a file."""
+    target = tmp_path / f"elsewhere-{path.name}"
+    os.replace(path, target)
+    path.symlink_to(target)
+
+
+ODD_FILES = {"dangling-symlink": _dangling, "symlink-loop": _loop, "fifo": _fifo,
+             "link-to-elsewhere": _link_to_elsewhere}
+
+
+@pytest.mark.parametrize("odd", ODD_FILES)
+@pytest.mark.parametrize("name", ["ckpt.pt", "log.jsonl", "config.json", MARKER])
+def test_run_files_that_are_not_plain_files_are_refused(tmp_path, capsys, trained, name, odd):
+    data, runs = trained
+    run = copy_run(runs["ddpm"], tmp_path / "run")
+    (run / "log.jsonl").write_bytes((runs["ddpm"] / "log.jsonl").read_bytes())
+    ODD_FILES[odd](run / name, tmp_path)
+    before, everything = snapshot(run), snapshot(tmp_path)
+    with fails_instead_of_hanging():
+        code, _, err = run_script(train, argv(data, run, steps=2), capsys)
+    assert_user_error(code, err, name, "move it away")
+    assert snapshot(run) == before and snapshot(tmp_path) == everything  # a link's target too
 
 
 # --- 7. a checkpoint's config passes the same validation as the command line ------------------------------------

@@ -68,6 +68,12 @@ def atomic_save_image(img, path):
     atomic_write_bytes(path, buf.getvalue())
 
 
+def is_inside(path, folder):
+    """Whether `path` is `folder` or below it once symlinks are resolved."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
 def check_output_dir(path):
     """Refuse an output path that exists and is not a folder (a user's file must not be replaced)."""
     path = os.fspath(path)

@@ -94,9 +94,10 @@ def train_gan(cfg, out, device, log=say):
     tcfg = cfg.train
     torch.manual_seed(tcfg.seed)
     data = run.load_data()
-    G, D = build_gan(cfg, data.label_info)
-    G, D = G.to(device), D.to(device)
-    ema = EMA(G, tcfg.ema_decay, tcfg.ema_warmup)
+    with run.memory_guard():  # --g-channels 4096 may not fit: one line, and nothing created yet
+        G, D = build_gan(cfg, data.label_info)
+        G, D = G.to(device), D.to(device)
+        ema = EMA(G, tcfg.ema_decay, tcfg.ema_warmup)
     gan = GAN(G, D, *make_optimizers(G, D, cfg.gan, lr=tcfg.lr))  # constant rate: no warm-up, no clipping
     models, optimizers = dict(generator=G, discriminator=D, ema=ema), dict(g=gan.opt_g, d=gan.opt_d)
     with run.begin(models, optimizers) as step, StopSignals() as signals:  # a signal: checkpoint, then stop

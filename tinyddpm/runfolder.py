@@ -6,17 +6,19 @@
     runs/<name>/log.jsonl      one JSON line per progress report
     runs/<name>/samples/       sample grids, step_0001000.png …
 
-train.py writes only into a new or empty folder or a run folder (the marker, or an older tinyddpm's ckpt.pt or
-config.json); anything else is refused before a file is touched. One trainer per folder: the marker is locked with
-flock, which the kernel drops when the process dies, even by SIGKILL, so a lock is never stale. Under torchrun rank 0
-alone takes the lock and writes; the writing methods do nothing in the other processes.
+train.py writes only into a new or empty folder or a run folder (the marker, or an older tinyddpm's ckpt.pt; a
+config.json alone is not enough: it may be a copy); anything else is refused before a file is touched, and so is a
+run folder whose marker, ckpt.pt, config.json or log.jsonl is a symlink, a folder or a FIFO (the run would replace a
+link by a file, or block reading a FIFO). One trainer per folder: the marker is locked with flock, which the kernel
+drops when the process dies, even by SIGKILL, so a lock is never stale. Under torchrun rank 0 alone takes the lock
+and writes; the writing methods do nothing in the other processes.
 """
 import contextlib
-import dataclasses
 import glob
 import json
 import os
 import socket
+import stat
 import sys
 
 import torch
@@ -28,18 +30,13 @@ except ImportError:  # not on Windows: run folders are then not locked
 
 from . import distributed as dist
 from .checkpoint import CKPT_NAME
-from .config import RunConfig
 from .errors import UserError
-from .files import atomic_write_bytes, check_output_dir, file_mode
+from .files import atomic_write_bytes, check_output_dir, file_mode, is_inside
 
 MARKER = ".tinyddpm-run"
 MARKER_TEXT = "tinyddpm run folder (train.py); the trainer using it holds an flock on this file"
 HOLDER_BYTES = 512  # enough of the marker to read who holds it
-
-
-def _inside(path, folder):
-    path, folder = os.path.realpath(path), os.path.realpath(folder)
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+GRID_NAME, GRID_GLOB = "step_{:07d}.png", "step_*.png"  # sample grids in samples/, and the pattern of their names
 
 
 class RunFolder:
@@ -64,7 +61,7 @@ class RunFolder:
             raise UserError(f"cannot create run folder {self.out}: {path} is a file; choose another --out")
         if not os.access(path, os.W_OK | os.X_OK):
             raise UserError(f"cannot write to {path}: permission denied; choose a writable --out folder")
-        if cfg.data.dataset == "folder" and _inside(self.out, cfg.data.data_dir):
+        if cfg.data.dataset == "folder" and is_inside(self.out, cfg.data.data_dir):
             raise UserError(f"--out {self.out} is inside --data-dir {cfg.data.data_dir}, so the run's sample grids "
                             "would become training data; put the run folder somewhere else")
         if os.path.isdir(self.out) and not self.is_run():
@@ -75,17 +72,30 @@ class RunFolder:
             if mine:
                 raise UserError(f"--out {self.out} is a folder with other files in it ({sorted(mine)[0]!r}, …), not "
                                 f"a tinyddpm run (no {MARKER}); choose a new or empty folder (nothing was changed)")
+        for path in (self.marker, self.ckpt, self.config, self.log):
+            self._check_plain_file(path)
 
     def is_run(self):
-        """The marker, or an older tinyddpm's run: its checkpoint (checked when read) or its config.json."""
-        if os.path.lexists(self.marker) or os.path.lexists(self.ckpt):
-            return True
+        """The marker, or an older tinyddpm's run: its checkpoint (checked when read). A config.json alone is not
+        one: a copy of another run's is an ordinary file of the user's."""
+        return os.path.lexists(self.marker) or os.path.lexists(self.ckpt)
+
+    @staticmethod
+    def _check_plain_file(path):
+        """A file the run reads and replaces must be absent or a regular file: a symlink would be replaced by a file
+        (its target left behind, or truncated), a FIFO would block the read."""
         try:
-            with open(self.config, "rb") as f:
-                d = json.load(f)
-        except (OSError, ValueError):
-            return False
-        return isinstance(d, dict) and set(d) == {f.name for f in dataclasses.fields(RunConfig)}
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            raise UserError(f"cannot read {path}: {e.strerror}; choose another --out") from None
+        if stat.S_ISREG(mode):
+            return
+        what = (f"a symlink (to {os.readlink(path)})" if stat.S_ISLNK(mode) else "a folder" if stat.S_ISDIR(mode)
+                else "not a regular file")
+        raise UserError(f"{path} is {what}, and train.py reads and replaces this file; move it away (or put the real "
+                        f"file in its place) and run again (nothing was changed)")
 
     def _lock(self):
         """(an open file holding the lock, None), or (None, why it could not be had). Creates the folder."""
@@ -127,15 +137,30 @@ class RunFolder:
                 os.close(fd)
 
     def remove_stale_temp(self):
-        """Delete the temp files of writes that a killed run never finished (.ckpt.pt.*.tmp and the like)."""
+        """Delete the temp files of writes that a killed run never finished: files.atomic_write_bytes names them
+        .<name>.<random>.tmp, so only those of the run's own files go, never another .tmp of the user's."""
         if not dist.is_main():
             return
-        for folder in (self.out, self.samples):
-            for tmp in glob.glob(os.path.join(glob.escape(folder), ".*.tmp")):
+        own = (self.ckpt, self.config, self.log, os.path.join(self.samples, GRID_GLOB))
+        for path in own:
+            pattern = os.path.join(glob.escape(os.path.dirname(path)), f".{os.path.basename(path)}.*.tmp")
+            for tmp in glob.glob(pattern):
                 try:
                     os.unlink(tmp)
                 except OSError:
                     pass
+
+    def discard(self):
+        """Remove what a run that never saved a checkpoint wrote (its config, log, grids and marker), so the folder
+        is as it was found."""
+        if not dist.is_main():
+            return
+        grids = glob.glob(os.path.join(glob.escape(self.samples), GRID_GLOB))
+        for path in (self.config, self.log, *grids, self.marker):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        with contextlib.suppress(OSError):  # only if empty: a file of the user's stays
+            os.rmdir(self.samples)
 
     def write_config(self, cfg):
         if dist.is_main():
@@ -170,4 +195,4 @@ class RunFolder:
                             "to resume from the last checkpoint") from None
 
     def grid_path(self, step):
-        return os.path.join(self.samples, f"step_{step:07d}.png")
+        return os.path.join(self.samples, GRID_NAME.format(step))

@@ -14,8 +14,9 @@ the cadence of reports, grids and checkpoints. The diffusion loop (training.py) 
 Safety (docs/reliability.md):
   * the config is validated (config.validate) and --out checked before the data is loaded or anything is created;
   * resuming checks kind, config, labels and a fingerprint of the data; a valid torch file with wrong or missing
-    parts is "damaged", one line, for both loops;
+    parts (weights, optimizer settings, the autoguidance snapshot, …) is "damaged", one line, for both loops;
   * a killed run's temp files are removed and its log trimmed to the checkpoint when it starts again;
+  * out of memory is one line naming the sizes to lower, and a new run that never saved leaves nothing behind;
   * SIGINT / SIGTERM finish the current step, save a checkpoint and stop (a second signal stops at once);
   * a NaN/Inf loss or gradient is recorded on the device without a host sync and checked before every report, grid
     and checkpoint: training stops naming the first bad step and no bad weights are saved (or, with skip_nonfinite,
@@ -38,8 +39,10 @@ from . import distributed as dist
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import config_differences, validate
 from .errors import UserError
+from .files import removed_if_unused
 from .models import no_labels
 from .runfolder import RunFolder
+from .statistics import is_out_of_memory
 
 # Under torchrun the processes agree on whether a signal arrived every this many steps (a collective and a host
 # sync); a single process looks at its flag after every step, which costs nothing.
@@ -214,13 +217,37 @@ class NonFiniteGuard:
 
 
 # --- the run -----------------------------------------------------------------------------------------------------
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _check_optimizer_state(opt):
-    """Adam's moment buffers must have their parameter's shape: torch loads any shape and fails at the next step."""
+    """Adam's settings and moment buffers as its constructor and step allow them: torch loads any value or shape
+    and fails at the next step. lr, eps and weight_decay finite ≥ 0, two betas in [0, 1), moments of their
+    parameter's shape."""
     for group in opt.param_groups:
+        for key in ("lr", "eps", "weight_decay"):
+            if not (_is_number(group.get(key)) and 0 <= group[key] < math.inf):
+                raise ValueError(f"optimizer {key} {group.get(key)!r}")
+        betas = group.get("betas")
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(_is_number(b) and 0 <= b < 1
+                                                                              for b in betas)):
+            raise ValueError(f"optimizer betas {betas!r}")
         for p in group["params"]:
             for v in opt.state.get(p, {}).values():
                 if torch.is_tensor(v) and v.dim() and v.shape != p.shape:
                     raise ValueError(f"optimizer state of shape {list(v.shape)} for a parameter {list(p.shape)}")
+
+
+def memory_flags(cfg):
+    """'--batch-size 64, --base-channels 32, …': the flags that set how much memory training takes, with values."""
+    if cfg.model == "dcgan":
+        nets = {"--g-channels": cfg.gan.g_channels, "--d-channels": cfg.gan.d_channels}
+    else:
+        nets = {"--base-channels": cfg.unet.base_channels,
+                "--channel-mults": " ".join(map(str, cfg.unet.channel_mults))}
+    sizes = {"--batch-size": cfg.train.batch_size, **nets, "--image-size": cfg.data.image_size}
+    return ", ".join(f"{flag} {value}" for flag, value in sizes.items())
 
 
 class Run:
@@ -280,8 +307,11 @@ class Run:
         self._check_belongs(ckpt)
         try:
             for name, m in self.models.items():
-                # An optional entry (ema.Snapshot) may be missing from a checkpoint written before it existed.
-                m.load_state_dict(ckpt["models"].get(name) if getattr(m, "optional", False) else ckpt["models"][name])
+                if getattr(m, "optional", False):  # ema.Snapshot: missing from checkpoints from before it existed
+                    m.load_state_dict(ckpt["models"].get(name))
+                    m.check(self.models[m.of])  # it holds weights of that entry's network
+                else:
+                    m.load_state_dict(ckpt["models"][name])
             for name, opt in self.optimizers.items():
                 opt.load_state_dict(ckpt["optimizers"][name])
                 _check_optimizer_state(opt)
@@ -298,15 +328,28 @@ class Run:
         return step
 
     @contextlib.contextmanager
+    def memory_guard(self):
+        """A failed allocation inside the block (building the networks, a step) becomes one line naming the sizes
+        to lower."""
+        try:
+            yield
+        except RuntimeError as e:
+            if not is_out_of_memory(e):
+                raise
+            raise UserError(f"out of memory on {self.device} with {memory_flags(self.cfg)}; lower one of them (a "
+                            "checkpoint already saved is kept)") from None
+
+    @contextlib.contextmanager
     def begin(self, models, optimizers):
         """Resume every model and optimizer from the folder's checkpoint, then create the folder and hold its lock
         (runfolder.py) while the block runs: yields the step to start from (0 for a new run).
 
         Everything that can refuse (another run's or a damaged checkpoint) happens before the lock creates a file;
-        a checkpoint that another trainer replaced in between is read again once the lock is held."""
+        a checkpoint that another trainer replaced in between is read again once the lock is held. Out of memory
+        in the block is one line (memory_guard), and a run that had saved no checkpoint leaves nothing behind."""
         self.models, self.optimizers = models, optimizers
         seen, step = self._ckpt_identity(), self._resume()
-        with self.folder.claimed(self.device):
+        with removed_if_unused(self.out), self.folder.claimed(self.device), self.memory_guard():
             if self._ckpt_identity() != seen:
                 step = self._resume()
             if step:
@@ -317,7 +360,12 @@ class Run:
             self.folder.remove_stale_temp()
             self.folder.trim_log(step)  # a killed run may have logged past its last checkpoint
             self.folder.write_config(self.cfg)
-            yield step
+            try:
+                yield step
+            except RuntimeError as e:
+                if is_out_of_memory(e) and self.last_saved is None:  # a new run that never saved: nothing to keep
+                    self.folder.discard()
+                raise
 
     def due(self, step, signals):
         """(report, grid, save, stop) after `step`; raises first if a step since the last check was NaN/Inf."""

@@ -112,11 +112,14 @@ def _to_input(batch, device):
     return batch.to(device)
 
 
-OOM_PHRASES = ("out of memory", "can't allocate memory", "failed to allocate")  # CUDA, CPU allocator, MPS
+# How an allocation failure reads: CUDA, the CPU allocator (Linux; Windows), MPS.
+OOM_PHRASES = ("out of memory", "can't allocate memory", "not enough memory", "failed to allocate")
 
 
-def _out_of_memory(e):
-    return isinstance(e, torch.OutOfMemoryError) or any(p in str(e).lower() for p in OOM_PHRASES)
+def is_out_of_memory(e):
+    """Whether an exception is a failed allocation (torch.OutOfMemoryError, or the CPU allocator's RuntimeError)."""
+    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError)
+                                                     and any(p in str(e).lower() for p in OOM_PHRASES))
 
 
 def iter_features(batches, model, device="cpu", progress=None):
@@ -127,7 +130,7 @@ def iter_features(batches, model, device="cpu", progress=None):
             with torch.inference_mode():
                 feats = model(_to_input(batch, device))
         except RuntimeError as e:  # torch.OutOfMemoryError is one; a CPU allocation failure is a plain one
-            if not _out_of_memory(e):
+            if not is_out_of_memory(e):
                 raise
             raise UserError(f"out of memory measuring a batch of {len(batch)} images on {device}; pass a smaller "
                             f"--batch-size") from None
