@@ -61,6 +61,10 @@ def check_args(args):
             raise UserError(f"{args.save_stats} already exists; pass --force to overwrite it or choose another name")
         if not args.save_stats.lower().endswith(".npz"):
             raise UserError(f"--save-stats {args.save_stats} must end in .npz (pytorch-fid's stats format)")
+        paths = (args.save_stats, args.inputs[0])
+        if all(os.path.exists(p) for p in paths) and os.path.samefile(*paths):
+            raise UserError(f"--save-stats {args.save_stats} is the input itself; writing the statistics there would "
+                            "destroy it: choose another name")
     elif len(args.inputs) != 2:
         raise UserError("one input needs --save-stats PATH; to compare, pass two inputs: python fid.py dirA dirB")
     for name, least in (("batch_size", 1), ("kid_subsets", 1), ("kid_subset_size", KID_MIN_SUBSET)):

@@ -14,10 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.hang_guard import fails_instead_of_hanging
 from tinyddpm import data
 from tinyddpm.config import DataConfig
 from tinyddpm.errors import UserError, run_cli
-from tinyddpm.imageio import list_images
+from tinyddpm.imageio import load_rgb, scan_images
 
 CATS_TRAIN, CATS_TEST = 5000, 1000  # CIFAR-10 has 6,000 images per class: 5,000 train and 1,000 test
 
@@ -243,8 +244,10 @@ def test_image_folder_modes_and_crop(tmp_path, capsys):
     x = data.load_image_folder(tmp_path, size)
     assert x.shape == (7, size, size, 3) and x.dtype == np.uint8
     err = capsys.readouterr().err
-    assert "skipped 1 unreadable" in err and "broken.png" in err and len(err.strip().splitlines()) == 1
-    readable = [p for p in list_images(tmp_path) if "broken" not in p]  # the order load_image_folder uses
+    left_out, unreadable = err.strip().splitlines()
+    assert "left out 1 entry" in left_out and "notes.txt" in left_out
+    assert "skipped 1 unreadable" in unreadable and "broken.png" in unreadable
+    readable = [p for p in scan_images(tmp_path)[0] if "broken" not in p]  # the order load_image_folder uses
     by_name = {os.path.basename(p).split(".")[0]: im for p, im in zip(readable, x)}
     c = by_name["wide"][:, 2:-2].astype(int)  # away from the borders, where LANCZOS may ring
     assert (np.abs(c - (0, 255, 0)) <= 2).all()
@@ -267,6 +270,30 @@ def test_image_folder_errors(tmp_path, capsys):
         (bad / f"{i}.jpg").write_bytes(b"\xff\xd8 truncated")
     line = run_error(capsys, lambda: data.load_image_folder(bad, 8))
     assert "none of the 3" in line
+
+
+def test_image_folder_leaves_out_fifos_loops_and_links_out_of_it(tmp_path, capsys):
+    """The one folder scan (imageio.scan_images, fid.py's too): a FIFO named *.png is never opened (that would wait
+    forever), and a linked folder outside the data folder (`up -> ..`: its sibling's images) is not searched."""
+    imgs, sibling = tmp_path / "imgs", tmp_path / "sibling"
+    for i in range(2):
+        _save(imgs / f"{i}.png", Image.new("RGB", (8, 8), (i, 0, 0)))
+    for i in range(4):
+        _save(sibling / f"{i}.png", Image.new("RGB", (8, 8), (0, i, 0)))
+    os.mkfifo(imgs / "pipe.png")
+    (imgs / "up").symlink_to("..")
+    (imgs / "again").symlink_to(".")
+    with fails_instead_of_hanging():
+        x = data.load_image_folder(imgs, 8)
+    assert x[:, 0, 0].tolist() == [[0, 0, 0], [1, 0, 0]]
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "left out 3 entries" in line and "not a regular file" in line and "outside" in line, line
+
+
+def test_a_fifo_given_as_an_image_is_one_line(tmp_path):
+    os.mkfifo(tmp_path / "pipe.png")
+    with fails_instead_of_hanging(), pytest.raises(UserError, match="pipe.png is not a regular file"):
+        load_rgb(str(tmp_path / "pipe.png"))
 
 
 def test_load_dataset_folder(tmp_path):

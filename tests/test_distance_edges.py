@@ -67,6 +67,42 @@ def test_zero_covariance_and_identical_singular():
     assert quiet_fd(mu, np.zeros((D, D)), mu, s) == pytest.approx(np.trace(s), rel=1e-12)
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_identical_statistics_give_exactly_zero(seed):
+    """Never −0.000000 (round-off of either sign), whatever the route: full rank, singular, stored as float32."""
+    rng = np.random.default_rng(seed)
+    mu, full, singular = rng.standard_normal(D), random_spd(rng), np.cov(rng.standard_normal((10, D)), rowvar=False)
+    for s in (full, singular, full.astype(np.float32), singular.astype(np.float32)):
+        fd = quiet_fd(mu, s, mu, s)
+        assert fd == 0.0 and f"{fd:.6f}" == "0.000000"
+
+
+FLOAT32_AGREEMENT = 1e-6  # float32 keeps about 7 significant digits; the FD of a float32 copy agrees to 6
+
+
+@pytest.mark.parametrize("singular", ["first", "second", "both"])
+def test_a_rank_deficient_covariance_stored_as_float32_gives_the_fd_of_its_float64_original(singular):
+    """Rounding Σ to float32 (as statistics files often store it) turns its null space into eigenvalues of about
+    ±eps32 · ‖Σ‖, whose square roots would bias tr √(Σ1 Σ2). Σ = Q diag(a) Qᵀ commute for one Q, so the FD is
+    known exactly: |μ1 − μ2|² + Σ (√a − √b)², with a quarter of the a (or b) nonzero in a singular Σ."""
+    rng = np.random.default_rng(7)
+    d, rank = 256, 64
+    q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    a, b = rng.uniform(0.5, 2, d), rng.uniform(0.5, 2, d)
+    if singular in ("first", "both"):
+        a[rank:] = 0
+    if singular in ("second", "both"):
+        b[rng.permutation(d)[rank:]] = 0
+    s1, s2 = (q * a) @ q.T, (q * b) @ q.T
+    mu1 = rng.standard_normal(d)
+    mu2 = mu1 + 0.1
+    exact = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    for stored in (np.float64, np.float32):
+        got = quiet_fd(*(x.astype(stored) for x in (mu1, s1, mu2, s2)))
+        assert got == pytest.approx(exact, rel=FLOAT32_AGREEMENT), stored
+    assert quiet_fd(mu1, s1.astype(np.float32), mu1, s1.astype(np.float32)) == 0.0
+
+
 # ---- refused: not a covariance -------------------------------------------------------------------------------------
 def assert_refused(match, *args):
     with pytest.raises(BadStatistics, match=match) as e:

@@ -97,13 +97,29 @@ def test_non_utf8_file_names_are_read(fake, other, tmp_path, capsys):
         assert fake.seen == 2 * GOOD + 1
 
 
-def test_linked_folders_are_followed_once(fake, other, tmp_path, capsys):
+def test_linked_folders_are_searched_once_and_never_outside_the_folder(fake, other, tmp_path, capsys):
+    """Only the images below the folder given: a linked folder inside it counts once, and a link that leads out of
+    it (`up -> ..`, whose sibling folders hold other images, or a link to another folder) is left out and said."""
     d, elsewhere = folder(tmp_path), folder(tmp_path, "elsewhere")
-    os.symlink(elsewhere, os.path.join(d, "link1"))
-    os.symlink(elsewhere, os.path.join(d, "link2"))  # the same folder a second time: left out
+    make_image_folder(os.path.join(d, "sub"), n=GOOD, size=8)
+    os.symlink(os.path.join(d, "sub"), os.path.join(d, "again"))  # the same folder a second time
+    os.symlink("..", os.path.join(d, "up"))
+    os.symlink(elsewhere, os.path.join(d, "out"))
     code, out, err = run_fid(capsys, d, other)
     assert code == 0, err
-    assert fake.seen == 3 * GOOD and "symlink loop" in err
+    assert fake.seen == 2 * GOOD + GOOD  # d's own images and sub's, then the other side's
+    assert "left out 3 entries" in err and "2 symlink to a folder outside" in err and "second link" in err, err
+
+
+def test_save_stats_never_writes_over_its_own_input(fake, tmp_path, capsys):
+    arr = tmp_path / "images.npz"
+    np.savez(arr, images=np.random.default_rng(2).integers(0, 256, (GOOD, 8, 8, 3), dtype=np.uint8))
+    (tmp_path / "link.npz").symlink_to(arr)
+    before = arr.read_bytes()
+    for target in (arr, tmp_path / "link.npz"):
+        code, out, err = run_fid(capsys, arr, "--save-stats", target, "--force")
+        assert_user_error(code, err, "is the input itself", "choose another name")
+    assert arr.read_bytes() == before and fake.seen == 0  # refused before anything was measured
 
 
 def test_unreadable_images_need_skip_bad_and_decoder_crashes_are_caught(fake, other, tmp_path, capsys,

@@ -18,7 +18,7 @@ import torch
 
 from .errors import UserError
 from .files import download
-from .imageio import list_images, load_rgb, resize_center_crop
+from .imageio import describe_skipped, load_rgb, resize_center_crop, scan_images
 from .imageio import to_uint8  # noqa: F401  (the inverse of to_float below; one quantisation, kept in imageio)
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -185,9 +185,11 @@ def load_cifar10(root, split="train", classes=(), download=True, url=CIFAR10_URL
 # ------------------------------------------------------------------------------------------------ image folders
 def load_image_folder(folder, image_size):
     """Every readable image below `folder` as RGB, shorter side resized (LANCZOS), centre-cropped: uint8 [N,S,S,3]."""
-    paths = list_images(folder)
+    paths, skipped = scan_images(folder)  # the same scan as fid.py's: FIFOs, loops and links out are left out
     if not paths:
         raise UserError(f"no images (png, jpg, jpeg, webp, bmp) found in {folder}; pass a folder of images")
+    if skipped:
+        print(describe_skipped(folder, skipped), file=sys.stderr)
     images, bad = [], []
     for p in paths:
         try:

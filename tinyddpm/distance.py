@@ -4,10 +4,14 @@ FD = |μ1 − μ2|² + tr Σ1 + tr Σ2 − 2 tr √(Σ1 Σ2). pytorch-fid takes 
 non-symmetric Σ1 Σ2 (a complex Schur decomposition, slow, and an imaginary part to drop). Here it comes from
 eigenvalues: Σ1 Σ2 is similar to the symmetric PSD matrix M = Rᵀ Σ2 R for any R with R Rᵀ = Σ1, so
 tr √(Σ1 Σ2) = Σ √λ_i(M). Every step is one of scipy's LAPACK routines on symmetric matrices:
-- a full-rank Σ1 (≥ d + 1 images): R is its Cholesky factor (potrf), M = Rᵀ Σ2 R is formed by sygst (itype 2),
+- both full rank (≥ d + 1 images): R is Σ1's Cholesky factor (potrf), M = Rᵀ Σ2 R is formed by sygst (itype 2),
   and syevd gives M's eigenvalues without eigenvectors;
-- a singular Σ1 (fewer images than features): R = V √w from the symmetric eigendecomposition (syevr), keeping only
-  the r directions with w > 0, so M is r × r. Σ1 and Σ2 swap roles first if that makes the factor full rank.
+- a singular side (fewer images than features) is factored as F = V √w from its symmetric eigendecomposition
+  (syevr), keeping only the r directions with w > 0; with F1 F1ᵀ = Σ1 and F2 F2ᵀ = Σ2 (a full-rank side keeps its
+  Cholesky factor), Σ1 Σ2 has the eigenvalues of g gᵀ for g = F1ᵀ F2 [r1, r2], a small matrix.
+  Singular means "at the precision the covariance was stored in": rounding a float32 Σ moves its null space to
+  eigenvalues of about ±eps32 · ‖Σ‖, whose square roots would otherwise bias the trace. Such a Σ counts as its
+  rank-r part (in tr Σ too), so a float32 copy gives the FD of its float64 original.
 Inputs that are not a covariance (complex, not symmetric, not positive semi-definite, no features) are refused with
 a BadStatistics error: a ValueError for library callers and a UserError, so scripts print it as one line.
 """
@@ -20,6 +24,10 @@ from scipy.linalg import lapack
 from .errors import UserError
 
 SINGULAR_RTOL = 1e-10  # eigenvalues / Cholesky pivots below this × the largest count as zero (a singular covariance)
+# Storing Σ rounds each entry by at most eps/2 of itself, so the error E has ‖E‖₂ ≤ ‖E‖_F ≤ eps/2 · ‖Σ‖_F: no
+# eigenvalue moves further (Weyl). Eigenvalues below this many times that bound are rounding noise.
+STORAGE_NOISE_MARGIN = 2
+EPS64 = np.finfo(np.float64).eps
 PSD_RTOL = 1e-4  # eigenvalues down to −PSD_RTOL × the largest entry pass as round-off (float32 storage: ~1e-7)
 SYMMETRY_RTOL = 1e-6  # |Σ − Σᵀ| allowed, relative to the largest entry (as sources.py checks statistics files)
 KID_SUBSETS = 100  # KID defaults of Bińkowski et al. / torch-fidelity
@@ -70,25 +78,41 @@ def _check_covariance(sigma, what):
     return sigma, chol
 
 
+def _storage_eps(a):
+    """The relative rounding of an array as it was stored: its dtype's eps (integers are exact: float64's)."""
+    dtype = np.asarray(a).dtype
+    return float(np.finfo(dtype).eps) if np.issubdtype(dtype, np.floating) else EPS64
+
+
 def _well_conditioned(chol):
     """A near-singular matrix still factors, with tiny pivots and an inaccurate factor: refuse those."""
     pivots = np.diag(chol) ** 2
     return pivots.min() > SINGULAR_RTOL * pivots.max()
 
 
-def _eigvals_product(s1, chol1, s2, chol2):
-    """Eigenvalues of Σ1 Σ2 (≥ 0 up to round-off) and whether the route saw a singular covariance."""
-    for a, chol in ((s2, chol1), (s1, chol2)):  # λ(Σ1 Σ2) = λ(Σ2 Σ1): either full-rank factor will do
-        if chol is not None and _well_conditioned(chol):
-            m, info = lapack.dsygst(a, chol, itype=2, lower=1)  # Lᵀ A L in the lower triangle
-            assert info == 0, info
-            return scipy.linalg.eigh(m, lower=True, eigvals_only=True, driver="evd", check_finite=False), False
-    w, v = scipy.linalg.eigh(s1, driver="evr", check_finite=False)
-    keep = w > SINGULAR_RTOL * max(w.max(), np.finfo(np.float64).tiny)  # drop the null space of Σ1: it adds 0
-    if not keep.any():  # Σ1 = 0 (all images alike): Σ1 Σ2 = 0
-        return np.zeros(1), True
-    r = v[:, keep] * np.sqrt(w[keep])  # [d, r], R Rᵀ = Σ1
-    return scipy.linalg.eigh(r.T @ s2 @ r, eigvals_only=True, driver="evd", check_finite=False), True
+def _factor(sigma, chol, eps):
+    """(F [d, r], tr F Fᵀ, full rank?) with F Fᵀ = Σ, Σ stored with relative rounding `eps`. A Σ whose every
+    eigenvalue is above its rounding noise (one potrf of Σ − noise·I says so) keeps its Cholesky factor; any other
+    keeps the eigenvectors above the noise only: F = V √w, the rest of Σ is its rounding, not data."""
+    noise = STORAGE_NOISE_MARGIN * eps / 2 * np.linalg.norm(sigma)
+    if chol is not None and _well_conditioned(chol) and _cholesky(sigma - noise * np.eye(len(sigma))) is not None:
+        return chol, np.trace(sigma), True
+    w, v = scipy.linalg.eigh(sigma, driver="evr", check_finite=False)
+    keep = w > max(noise, SINGULAR_RTOL * w.max(), np.finfo(np.float64).tiny)  # Σ = 0 (all images alike): none
+    return v[:, keep] * np.sqrt(w[keep]), w[keep].sum(), False
+
+
+def _eigvals_product(f1, full1, s2, f2, full2):
+    """Eigenvalues of Σ1 Σ2 (≥ 0 up to round-off) from the factors F1 F1ᵀ = Σ1, F2 F2ᵀ = Σ2 (_factor)."""
+    if full1 and full2:
+        m, info = lapack.dsygst(s2, f1, itype=2, lower=1)  # L1ᵀ Σ2 L1 in the lower triangle
+        assert info == 0, info
+        return scipy.linalg.eigh(m, lower=True, eigvals_only=True, driver="evd", check_finite=False)
+    g = f1.T @ f2  # [r1, r2]: Σ1 Σ2 = F1 (g) F2ᵀ has the eigenvalues of g gᵀ, besides zeros
+    if g.size == 0:  # a side is 0 (all images alike): Σ1 Σ2 = 0
+        return np.zeros(1)
+    gram = g @ g.T if g.shape[0] <= g.shape[1] else g.T @ g
+    return scipy.linalg.eigh(gram, eigvals_only=True, driver="evd", check_finite=False)
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, n1=None, n2=None):
@@ -108,16 +132,21 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, n1=None, n2=None):
     if dim == 0:
         raise BadStatistics("the statistics have 0 features: there is nothing to compare; recompute them")
     (s1, chol1), (s2, chol2) = [_check_covariance(s, f"the {side} input's sigma") for s, side in zip(sigmas, SIDES)]
-
-    eig, singular = _eigvals_product(s1, chol1, s2, chol2)
+    (f1, tr1, full1), (f2, tr2, full2) = [_factor(s, chol, _storage_eps(stored)) for s, chol, stored in
+                                          ((s1, chol1, sigma1), (s2, chol2, sigma2))]
+    eig = _eigvals_product(f1, full1, s2, f2, full2)
     tr_covmean = np.sqrt(np.clip(eig, 0, None)).sum()
     small = [n for n in (n1, n2) if n is not None and n <= dim]
+    singular = not (full1 and full2)
     if small or singular or eig.min() <= SINGULAR_RTOL * max(eig.max(), np.finfo(np.float64).tiny):
         why = f"{min(small)} images ≤ {dim} features" if small else "a covariance is singular"
         warnings.warn(f"{why}: FID is biased (too high) at small N and not comparable across N; KID (--kid) is "
                       f"the better number there", stacklevel=2)
     diff = mus[0] - mus[1]
-    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
+    terms = (diff @ diff, tr1, tr2, 2 * tr_covmean)
+    fd = terms[0] + terms[1] + terms[2] - terms[3]
+    # The terms carry round-off of about dim · eps of their size: a smaller FD (identical inputs) is 0, never −0.
+    return float(fd) if fd > dim * EPS64 * sum(terms) else 0.0
 
 
 def _poly_kernel(x, y):

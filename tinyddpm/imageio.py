@@ -2,38 +2,112 @@
 
 Tensors in the package are float images in [-1, 1] of shape [B, C, H, W]; files are 8-bit RGB.
 """
+import contextlib
+import errno
 import os
+import stat
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .errors import UserError
-from .files import atomic_save_image
+from .files import atomic_save_image, is_inside
 
 # Lower-case extensions we read; matching is case-insensitive ("CAT.JPG" counts).
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 GRID_IMAGES = 64  # images in a written sample grid (8 × 8): the first ones, however many were made
 
 
-def list_images(folder, extensions=IMAGE_EXTENSIONS):
-    """All image files below `folder` (recursive), sorted so the order is the same on every machine."""
+def scan_images(folder):
+    """(paths, skipped): the regular image files below `folder`, sorted so every machine sees the same order, and
+    [(path, why)] for every entry left out. The one folder scan of training data and FID alike.
+
+    Nothing is opened: a FIFO named x.png would block a decoder forever. Linked folders inside `folder` are searched
+    once; a link to a folder outside it (`up -> ..`) is left out, and so is a loop. File names are kept as the OS
+    gives them (undecodable bytes as surrogates, which open() accepts). UserError if `folder` is not a folder."""
     if not os.path.exists(folder):
         raise UserError(f"{folder} does not exist; pass an existing folder of images")
     if not os.path.isdir(folder):
         raise UserError(f"{folder} is not a folder; pass a folder of images")
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
+    found, skipped, seen = [], [], set()
+    unreadable = lambda e: skipped.append((e.filename, f"unreadable folder ({e.strerror})"))  # noqa: E731
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=unreadable, followlinks=True):
+        with contextlib.suppress(OSError):  # a folder removed while we walk: its entries fail on their own
+            here = os.stat(dirpath)
+            seen.add((here.st_dev, here.st_ino))
+        for name in sorted(dirnames):  # a linked folder already walked (a loop, or a second link) is left out
+            sub = os.path.join(dirpath, name)
+            why = _not_a_folder_to_search(sub, folder, seen)
+            if why:
+                dirnames.remove(name)
+                skipped.append((sub, why))
         dirnames.sort()
         for name in sorted(filenames):
-            if name.lower().endswith(extensions) and not name.startswith("."):
-                found.append(os.path.join(dirpath, name))
-    return found
+            path = os.path.join(dirpath, name)
+            why = _not_an_image(path, name)
+            if why:
+                skipped.append((path, why))
+            else:
+                found.append(path)
+    return found, skipped
+
+
+def _not_a_folder_to_search(sub, top, seen):
+    """Why the scan of `top` does not enter its subfolder `sub`, or None (then `sub` counts as seen)."""
+    if os.path.islink(sub) and not is_inside(sub, top):
+        return "symlink to a folder outside the one searched"
+    try:
+        st = os.stat(sub)
+    except OSError as e:
+        return f"unreadable link ({e.strerror})"
+    if (st.st_dev, st.st_ino) in seen:
+        return "symlink loop or second link to a folder already searched"
+    seen.add((st.st_dev, st.st_ino))
+    return None
+
+
+def _not_an_image(path, name):
+    """Why `path` is not read as an image, or None."""
+    if name.startswith("."):
+        return "hidden"
+    if not name.lower().endswith(IMAGE_EXTENSIONS):
+        return "not an image extension"
+    try:
+        st = os.stat(path)  # follows symlinks
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "symlink loop"
+        return "dangling symlink" if e.errno == errno.ENOENT and os.path.islink(path) else e.strerror
+    return None if stat.S_ISREG(st.st_mode) else "not a regular file"
+
+
+def describe_skipped(folder, skipped):
+    """One line: how many entries of a folder were left out, and why (one example of each reason)."""
+    by_why = {}
+    for path, why in skipped:
+        by_why.setdefault(why, []).append(path)
+    parts = [f"{len(p)} {why} (e.g. {os.path.relpath(p[0], folder)!r})" for why, p in by_why.items()]
+    what = "entry that is not an image" if len(skipped) == 1 else "entries that are not images"
+    return f"{folder}: left out {len(skipped)} {what}: {'; '.join(parts)}"
+
+
+def _open_regular(path):
+    """`path` opened for reading, refused unless it is a regular file before a byte is read: a plain open() of a
+    FIFO waits for a writer forever, so it is opened non-blocking and fstat decides."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # (regular files ignore O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UserError(f"{path} is not a regular file (a folder, FIFO or device); pass an image file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def load_rgb(path):
     """Open any image (grayscale, RGBA, palette, 16-bit) as an 8-bit RGB PIL image; UserError names a bad file."""
     try:
-        with Image.open(path) as im:
+        with _open_regular(path) as f, Image.open(f) as im:
             im.load()
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):
                 # 16/32-bit grayscale: scale to 8 bits instead of letting PIL clip everything above 255.

@@ -8,12 +8,9 @@ slow starts:
 - a dataset reference `cifar10:CLASSES:SPLIT[:N]`, read from --data-dir (downloaded there if missing);
 - a pytorch-fid statistics file (.npz with mu [d] and sigma [d, d]). Its format is read and written here only.
 """
-import contextlib
-import errno
 import hashlib
 import io
 import os
-import stat
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -27,7 +24,7 @@ from .data import CIFAR10_CLASSES, CIFAR10_SPLITS, resolve_classes
 from .distance import SYMMETRY_RTOL
 from .errors import UserError
 from .files import atomic_write_bytes
-from .imageio import IMAGE_EXTENSIONS, load_rgb
+from .imageio import IMAGE_EXTENSIONS, describe_skipped, load_rgb, scan_images
 
 MIN_IMAGES = 2  # a covariance needs at least two samples
 FINGERPRINT_ROWS = 1024  # array rows hashed at a time, so a memory-mapped .npy is never read whole
@@ -93,55 +90,6 @@ def load_cifar_reference(ref, data_dir, download=True):
     return images
 
 
-# ---- image folders --------------------------------------------------------------------------------------------------
-def scan_images(folder):
-    """(paths, skipped): the regular image files below `folder`, sorted so every machine sees the same order, and
-    [(path, why)] for every entry left out. Nothing is opened: a FIFO named x.png would block a decoder forever.
-    File names are kept as the OS gives them (undecodable bytes as surrogates, which open() accepts)."""
-    found, skipped, seen = [], [], set()
-    unreadable = lambda e: skipped.append((e.filename, f"unreadable folder ({e.strerror})"))  # noqa: E731
-    for dirpath, dirnames, filenames in os.walk(folder, onerror=unreadable, followlinks=True):
-        with contextlib.suppress(OSError):  # a folder removed while we walk: its entries fail on their own
-            here = os.stat(dirpath)
-            seen.add((here.st_dev, here.st_ino))
-        for name in sorted(dirnames):  # a linked folder already walked (a loop, or a second link) is left out
-            sub = os.path.join(dirpath, name)
-            try:
-                st = os.stat(sub)
-            except OSError as e:
-                dirnames.remove(name)
-                skipped.append((sub, f"unreadable link ({e.strerror})"))
-                continue
-            if (st.st_dev, st.st_ino) in seen:
-                dirnames.remove(name)
-                skipped.append((sub, "symlink loop or second link to a folder already searched"))
-            seen.add((st.st_dev, st.st_ino))
-        dirnames.sort()
-        for name in sorted(filenames):
-            path = os.path.join(dirpath, name)
-            why = _not_an_image(path, name)
-            if why:
-                skipped.append((path, why))
-            else:
-                found.append(path)
-    return found, skipped
-
-
-def _not_an_image(path, name):
-    """Why `path` is not read as an image, or None."""
-    if name.startswith("."):
-        return "hidden"
-    if not name.lower().endswith(IMAGE_EXTENSIONS):
-        return "not an image extension"
-    try:
-        st = os.stat(path)  # follows symlinks
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            return "symlink loop"
-        return "dangling symlink" if e.errno == errno.ENOENT and os.path.islink(path) else e.strerror
-    return None if stat.S_ISREG(st.st_mode) else "not a regular file"
-
-
 # ---- what one side is -----------------------------------------------------------------------------------------------
 @dataclass
 class Source:
@@ -158,13 +106,7 @@ class Source:
         return len(self.paths) if self.kind == "folder" else len(self.array) if self.kind == "array" else 0
 
     def describe_skipped(self):
-        """One line: how many entries of a folder were left out, and why (one example of each reason)."""
-        by_why = {}
-        for path, why in self.skipped:
-            by_why.setdefault(why, []).append(path)
-        parts = [f"{len(p)} {why} (e.g. {os.path.relpath(p[0], self.name)!r})" for why, p in by_why.items()]
-        what = "entry that is not an image" if len(self.skipped) == 1 else "entries that are not images"
-        return f"{self.name}: left out {len(self.skipped)} {what}: {'; '.join(parts)}"
+        return describe_skipped(self.name, self.skipped)
 
     def fingerprint(self):
         """What is measured, for a cache key: each file's name, size and mtime, or the bytes of an array."""
@@ -279,7 +221,8 @@ def _read_npz(path):
 
 def check_statistics(mu, sigma, name):
     """mu [d] and sigma [d, d], real floating point, finite, d ≥ 1, sigma symmetric with a non-negative diagonal
-    → float64 copies. Anything else is a damaged or foreign file: one UserError naming `name`."""
+    → copies in their stored precision (distance.py tells a float32 sigma's rounding noise from its data by it).
+    Anything else is a damaged or foreign file: one UserError naming `name`."""
     mu, sigma = np.asarray(mu), np.asarray(sigma)
     real = all(np.issubdtype(a.dtype, np.floating) for a in (mu, sigma))
     if not real:
@@ -289,17 +232,17 @@ def check_statistics(mu, sigma, name):
         raise UserError(f"{name}: mu {mu.shape} / sigma {sigma.shape} are not a mean [d] and covariance [d, d]")
     if mu.shape[0] == 0:
         raise UserError(f"{name}: the statistics have 0 features; recompute them from images")
-    mu, sigma = mu.astype(np.float64), sigma.astype(np.float64)
-    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+    mu64, sigma64 = mu.astype(np.float64), sigma.astype(np.float64)
+    if not (np.isfinite(mu64).all() and np.isfinite(sigma64).all()):
         raise UserError(f"{name}: mu or sigma contains NaN/inf; recompute the statistics")
-    scale = max(np.abs(sigma).max(), np.finfo(np.float64).tiny)
-    if np.abs(sigma - sigma.T).max() > SYMMETRY_RTOL * scale or np.diag(sigma).min() < -SYMMETRY_RTOL * scale:
+    scale = max(np.abs(sigma64).max(), np.finfo(np.float64).tiny)
+    if np.abs(sigma64 - sigma64.T).max() > SYMMETRY_RTOL * scale or np.diag(sigma64).min() < -SYMMETRY_RTOL * scale:
         raise UserError(f"{name}: sigma is not a covariance (not symmetric, or a negative variance); recompute it")
-    return mu, sigma
+    return mu.copy(), sigma.copy()
 
 
 def load_statistics(path, data=None):
-    """(mu, sigma) in float64 from a pytorch-fid style .npz (keys mu, sigma; `data`: its arrays if already read),
+    """(mu, sigma) in their stored precision from a pytorch-fid style .npz (keys mu, sigma; `data`: its arrays if already read),
     validated (check_statistics)."""
     data = _read_npz(path) if data is None else data
     if "mu" not in data or "sigma" not in data:
