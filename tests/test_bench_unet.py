@@ -16,7 +16,7 @@ spec.loader.exec_module(bench)
 
 TINY_CPU = ["--config", "tiny", "--device", "cpu", "--iters", "2", "--warmup", "1", "--repeats", "1",
             "--sample-batch", "4", "--batch-size", "4"]
-FIELDS = ("train_img_s", "train_tflops", "mfu", "sample_img_steps_s")
+FIELDS = ("train_img_s", "train_tflops", "sample_img_steps_s", "first_calls_s")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
@@ -27,14 +27,15 @@ def test_tiny_cpu_run_prints_the_table_and_writes_json(tmp_path, capsys):
     assert bench.main(TINY_CPU + ["--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "| system | mode | train img/s | peak mem (GiB) | TFLOP/s | MFU | train vs diffusers" in printed
-    assert "| tinyddpm | fp32 |" in printed
+    assert "| tinyddpm | fp32 |" in printed and "no MFU" in printed
 
     result = json.loads(out.read_text())
     systems = ["tinyddpm"] + (["diffusers", "diffusers-cl"] if result["diffusers"] else [])
     assert [(r["system"], r["mode"]) for r in result["results"]] == [(s, "fp32") for s in systems]  # CPU: fp32
     for r in result["results"]:
         assert all(r[k] > 0 for k in FIELDS), r
-        assert r["peak_mem_gib"] is None  # CPU: no CUDA memory statistics
+        # CPU: no CUDA memory statistics, no CUDA graph, no known peak
+        assert r["peak_mem_gib"] is None and "sample_graph_img_steps_s" not in r and r["mfu"] is None
     from tinyddpm.config import build_config
     from tinyddpm.models import build_unet, no_labels
     from tinyddpm.unet import count_parameters
@@ -82,10 +83,19 @@ def test_sharing_benchmark_runs_a_worker_beside_its_own_neighbour(tmp_path, caps
     assert "| policy | idle img/s | threads | shared img/s |" in printed and "new: shared / idle = " in printed
     result = json.loads(out.read_text())
     (row,) = result["results"]
-    assert row["policy"] == "new" and row["idle_img_s"] > 0 and row["shared_img_s"] > 0
-    assert row["shared_vs_idle"] == row["shared_img_s"] / row["idle_img_s"]
+    assert row["policy"] == "new" and row["idle_img_s"] > 0 and row["shared_img_s"] > 0 and row["shared_vs_idle"] > 0
     assert row["neighbour_iter_s"] > 0 and row["threads_idle"] >= 1 and row["threads_shared"] >= 1
-    assert result["summary"]["new"]["shared_vs_idle"] == row["shared_vs_idle"]
+    assert set(result["summary"]) == {"new"}  # one policy: no new / old comparison
+
+
+def test_sharing_ratios_of_fixed_rows():
+    rows = [dict(policy="old", idle_img_s=150.0, shared_img_s=15.0), dict(policy="new", idle_img_s=200.0,
+                                                                        shared_img_s=110.0),
+            dict(policy="new", idle_img_s=200.0, shared_img_s=90.0)]
+    s = sharing.summary(rows)
+    assert [r["shared_vs_idle"] for r in rows] == pytest.approx([0.1, 0.55, 0.45])
+    assert s["old"]["shared_vs_idle"] == pytest.approx(0.1) and s["new"]["shared_vs_idle"] == pytest.approx(0.5)
+    assert s["new_idle_vs_old_idle"] == pytest.approx(4 / 3)
 
 
 @pytest.mark.parametrize("argv,match", [
@@ -112,13 +122,28 @@ def test_ratios_are_medians_against_the_faster_diffusers_layout():
     assert ours["train_vs_diffusers"] == 2.0 and ours["sample_vs_diffusers"] == 2.0  # peers: cl train, NCHW sample
 
 
-def test_gpu_default_modes_are_the_gpu_evidence_modes(monkeypatch):
-    """A CUDA run's default modes are the ones benchmarks/gpu_sections.py tabulates; fp32-compile (a CPU question)
-    is only run when asked for with --modes."""
-    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))  # gpu_sections imports bench_unet by name
-    spec2 = importlib.util.spec_from_file_location("gpu_sections",
-                                                   os.path.join(ROOT, "benchmarks", "gpu_sections.py"))
-    sections = importlib.util.module_from_spec(spec2)
-    spec2.loader.exec_module(sections)
-    assert tuple(bench.GPU_MODES) == tuple(sections.MODES)
-    assert "fp32-compile" in bench.MODES and "fp32-compile" not in bench.GPU_MODES
+def test_sampling_ratio_takes_each_row_s_faster_of_eager_and_cuda_graph():
+    rows = [dict(system="tinyddpm", mode="bf16", train_img_s=1.0, sample_img_steps_s=300.0,
+                 sample_graph_img_steps_s=600.0),
+            dict(system="diffusers", mode="bf16", train_img_s=1.0, sample_img_steps_s=400.0,
+                 sample_graph_img_steps_s=200.0),
+            dict(system="diffusers-cl", mode="bf16", error="RuntimeError: out of memory")]
+    bench.add_ratios(rows)
+    assert rows[0]["sample_vs_diffusers"] == 1.5 and "sample_vs_diffusers" not in rows[2]
+    assert "| diffusers-cl | bf16 | failed: RuntimeError: out of memory |" in bench.table(rows[2:])
+
+
+def test_only_the_faster_diffusers_layout_is_compiled():
+    runs = [dict(system="diffusers", mode="bf16", train_img_s=10.0), dict(system="diffusers-cl", mode="bf16",
+                                                                          train_img_s=20.0)]
+    assert bench.not_compiled(runs, "diffusers", "bf16-compile")
+    assert bench.not_compiled(runs, "diffusers-cl", "bf16-compile") is None
+    assert bench.not_compiled(runs, "diffusers", "bf16") is None  # not a compiled mode
+    assert bench.not_compiled(runs, "tinyddpm", "bf16-compile") is None
+    assert bench.not_compiled(runs[:1], "diffusers", "bf16-compile") is None  # the other was not measured
+    assert bench.not_compiled(runs, "diffusers", "fp32-compile") is None  # fp32 was not measured
+
+
+def test_peak_tflops_by_device_name():
+    assert bench.peak_tflops("NVIDIA H100 80GB HBM3") == bench.peak_tflops("NVIDIA H200") == 989.0
+    assert bench.peak_tflops("NVIDIA H100 PCIe") == 756.0 and bench.peak_tflops("cpu") is None

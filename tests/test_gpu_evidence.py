@@ -1,7 +1,7 @@
-"""benchmarks/gpu_evidence.py and make_gpu_bundle.py: the --smoke run reports every section (figures or recorded
-skips, never a failure), the bundle round-trips the cats exactly, the time limits work, user mistakes are one line.
-No timing assertions: the figures of a smoke run mean nothing."""
-import dataclasses
+"""benchmarks/gpu_evidence.py and make_gpu_bundle.py: the --smoke run does every step (bench_unet.py, train.py,
+sample.py, bench_fid.py against a stand-in pytorch-fid, the quality run and its report) and writes the page; the
+bundle round-trips the cats exactly; the time limits work; user mistakes are one line. No timing assertions: the
+figures of a smoke run mean nothing."""
 import importlib.util
 import json
 import os
@@ -19,225 +19,171 @@ from tinyddpm.data import load_cifar10
 from tinyddpm.errors import EXIT_USAGE, UserError, run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-ev_mod = load("gpu_evidence")
-sections = sys.modules["gpu_sections"]  # imported by gpu_evidence (benchmarks/ is on sys.path from there)
-fid_section = sys.modules["gpu_fid"]
-bundle = sys.modules["make_gpu_bundle"]
-SECTIONS = ("train", "sample", "fid", "quality")
+spec = importlib.util.spec_from_file_location("gpu_evidence", os.path.join(ROOT, "benchmarks", "gpu_evidence.py"))
+ev_mod = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ev_mod)
+bundle = ev_mod.bundle
+STEPS = ("unet", "loop", "sampler", "fid", "quality")
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
+# pytorch-fid needs torchvision, which is not installed here: this stand-in loads the checkpoint bench_fid writes,
+# from where pytorch-fid's load_state_dict_from_url looks, into tinyddpm's network, in bench_fid's subprocess.
+STAND_IN_INCEPTION = '''
+import os, torch
+from tinyddpm.inception import FID_WEIGHTS_NAME, FIDInceptionV3
 
-def figures_or_skip(row, key):
-    """A row has its figure (> 0) or says why it was skipped; an error fails the test."""
-    assert "error" not in row, row
-    assert row.get(key, 0) > 0 or row.get("skipped"), row
+class InceptionV3(torch.nn.Module):
+    BLOCK_INDEX_BY_DIM = {2048: 3}
+
+    def __init__(self, blocks):
+        super().__init__()
+        state = torch.load(os.path.join(torch.hub.get_dir(), "checkpoints", FID_WEIGHTS_NAME), weights_only=True)
+        assert state["fc.weight"].shape == (1008, 2048)  # the TF graph's classifier, as pytorch-fid's file has it
+        self.net = FIDInceptionV3().eval()
+        self.net.load_state_dict({k: v for k, v in state.items() if k in self.net.state_dict()}, strict=False)
+
+    def forward(self, x):  # [B, 3, H, W] in [0, 1] → [[B, 2048, 1, 1]], as pytorch-fid's pool3 block
+        return [self.net(x)[:, :, None, None]]
+'''
 
 
-@pytest.mark.filterwarnings("ignore:a covariance is singular")  # 4 + 4 images: expected
-def test_smoke_run_reports_every_section(tmp_path):
+@pytest.fixture
+def stand_in_pytorch_fid(tmp_path, monkeypatch):
+    package = tmp_path / "site" / "pytorch_fid"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "inception.py").write_text(STAND_IN_INCEPTION)
+    (package / "fid_score.py").write_text("from tinyddpm.distance import frechet_distance as calculate_frechet_distance\n")
+    monkeypatch.syspath_prepend(str(package.parent))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(package.parent), ROOT]))
+
+
+@pytest.mark.filterwarnings("ignore:a covariance is singular")  # 2 + 2 images: expected
+def test_smoke_run_does_every_step(tmp_path, stand_in_pytorch_fid):
     out = tmp_path / "evidence"
     assert ev_mod.main(["--smoke", "--out", str(out)]) == 0
     result = json.loads((out / "gpu_evidence.json").read_text())
     md = (out / "gpu_evidence.md").read_text()
-    assert result["smoke"] and list(result["sections"]) == list(SECTIONS)
-    for name, sec in result["sections"].items():
-        assert sec["status"] == "ok", (name, sec.get("error"))
-        assert sec["seconds"] <= sec["cap_s"] + 1
-    assert all(result["bundle"]["cats_pixels_verified"].values())  # the JPEG round trip gave the packed pixels
+    steps = result["steps"]
+    assert result["smoke"] and list(steps) == list(STEPS)
+    for name, step in steps.items():
+        assert step["status"] == "ok" and step.get("exit_code", 0) == 0, (name, step.get("error"))
+        assert step["seconds"] <= step["cap_s"] + 1
+    assert result["bundle"]["cats_pixels_verified"] == dict(train=True, test=True)  # JPEG files gave the pixels
 
-    train = result["sections"]["train"]
-    for mode in sections.MODES:
-        figures_or_skip(train["rows"][f"tinyddpm/{mode}"], "img_s")
-        if result["device"].get("diffusers"):  # both layouts, but only the faster one compiled
-            rows = [train["rows"][f"{d}/{mode}"] for d in sections.DIFFUSERS if f"{d}/{mode}" in train["rows"]]
-            assert len(rows) == (1 if mode == "bf16-compile" else 2)
-            for r in rows:
-                figures_or_skip(r, "img_s")
-            assert train["rows"][f"tinyddpm/{mode}"]["vs_diffusers"] > 0
-            assert train["systems"]["diffusers"]["params"] == train["systems"]["tinyddpm"]["params"]
-        else:
-            assert "not importable" in train["systems"]["diffusers"]["skipped"]
-    assert train["rows"]["tinyddpm/fp32"]["mfu"] is None  # no peak known for a CPU
-    figures_or_skip(train["loop"]["eager"], "img_s")
-    assert train["loop"]["compile"]["skipped"]
+    (row,) = steps["unet"]["figures"]["results"]  # a CPU's one mode, tinyddpm only (diffusers is not installed)
+    assert (row["system"], row["mode"]) == ("tinyddpm", "fp32") and "error" not in row
+    assert row["train_img_s"] > 0 and row["sample_img_steps_s"] > 0 and "sample_graph_img_steps_s" not in row
+    assert "| tinyddpm | fp32 |" in steps["unet"]["output"] and "| tinyddpm | fp32 |" in md  # bench_unet's table
 
-    sample = result["sections"]["sample"]
-    for variant in sections.SAMPLE_VARIANTS:
-        figures_or_skip(sample["rows"][f"tinyddpm/{variant}"], "img_steps_s")
-    assert "CUDA" in sample["rows"]["tinyddpm/cuda-graph"]["skipped"]
-    assert sample["sampler"]["wall_s"] > 0 and sample["sampler"]["finite"]
+    assert steps["loop"]["steps"] == 4 and steps["loop"]["img_s"] > 0  # SMOKE's --steps
+    assert steps["sampler"]["images"] == 4 and steps["sampler"]["wall_s"] > 0  # SMOKE's --n
 
-    fid = result["sections"]["fid"]
-    assert fid["rows"]["tinyddpm"]["img_s"] > 0 and np.isfinite(fid["rows"]["tinyddpm"]["fid"])
-    ref = [r for k, r in fid["rows"].items() if k != "tinyddpm"]
-    assert len(ref) == 1 and ("skipped" in ref[0] or ref[0]["fid_relative_diff"] >= 0)
+    fid = steps["fid"]["figures"]["extractor"]
+    assert set(fid["img_per_s"]) == {"ours", "pytorch-fid"} and min(fid["img_per_s"].values()) > 0
+    # the same float16 weights on both sides: features equal to float tolerance, a wrong layout or input is far off
+    assert fid["max_feature_diff"]["pytorch-fid"] <= 1e-3 * fid["max_feature"]
 
-    quality = result["sections"]["quality"]
-    assert quality["steps"] == ev_mod.SMOKE.quality_steps and quality["train_exit_code"] == 0
-    assert len(quality["reports"]) == len(ev_mod.SMOKE.report_variants)
-    summary = quality["reports"][0]["summary"]
-    assert summary["step"] == quality["steps"] and summary["results"][0]["fid"] is not None
-    assert (out / "quality_0_report_grid.png").is_file()
-
-    for heading in ("## Goals", "## Training throughput", "## Sampling throughput", "## FID throughput",
-                    "## Quality", "Smoke run"):
+    quality = steps["quality"]
+    assert quality["steps"] == 6 and quality["report"]["step"] == quality["steps"]  # SMOKE's --steps
+    assert quality["report"]["results"][0]["fid"] > 0
+    for heading in ["## Goals", "Smoke run"] + [f"## {name}: `" for name in STEPS]:
         assert heading in md
-    files = sorted(os.listdir(out))
-    assert files[:2] == ["gpu_evidence.json", "gpu_evidence.md"] and len(files) <= 2 + 2 * len(quality["reports"])
+    assert quality["report_md"] in md
+    pngs = sorted(f for f in os.listdir(out) if f.endswith(".png"))
+    assert sorted(os.listdir(out)) == sorted(list(ev_mod.OUT_FILES) + pngs) and 1 <= len(pngs) <= ev_mod.REPORT_PNGS
 
 
-def test_a_failing_or_slow_section_is_recorded_and_the_run_goes_on(tmp_path):
-    sizes = dataclasses.replace(ev_mod.SMOKE, caps=dict(slow=0.3, broken=5, fine=5))
-    args = SimpleNamespace(out=str(tmp_path), smoke=True, budget_s=30)
-    ev = ev_mod.Evidence(args, sizes, torch.device("cpu"), str(tmp_path))
+def test_a_failing_or_slow_step_is_recorded_and_the_run_goes_on(tmp_path):
+    sizes = dict(ev_mod.SMOKE, caps=dict(slow=0.3, broken=5, fine=5))
+    ev = ev_mod.Evidence(SimpleNamespace(out=str(tmp_path), smoke=True, budget_s=30), sizes, str(tmp_path))
 
     def slow(ev, res):
         res["before"] = 1
-        time.sleep(5)  # interrupted by the section's alarm
+        time.sleep(5)  # interrupted by the step's alarm
 
     def broken(ev, res):
-        ev.attempt(res, "kept", lambda: dict(value=1.0))
+        print("printed before")
         raise RuntimeError("boom\nsecond line")
 
     t, alarm = time.perf_counter(), signal.getsignal(signal.SIGALRM)
     for name, fn in (("slow", slow), ("broken", broken), ("fine", lambda ev, res: res.update(value=2))):
-        ev_mod.run_section(ev, name, fn)
+        ev_mod.run_step(ev, name, fn)
     assert time.perf_counter() - t < 4
-    saved = json.loads((tmp_path / "gpu_evidence.json").read_text())["sections"]
+    saved = json.loads((tmp_path / "gpu_evidence.json").read_text())["steps"]
     assert saved["slow"]["status"] == "timeout" and saved["slow"]["before"] == 1
     assert saved["broken"]["status"] == "failed" and saved["broken"]["error"] == "RuntimeError: boom"
-    assert saved["broken"]["kept"]["value"] == 1.0  # measured before the failure: kept
-    assert saved["fine"] == {**saved["fine"], "status": "ok", "value": 2}
+    assert saved["broken"]["output"] == "printed before\n"  # kept for the page
+    assert saved["fine"]["status"] == "ok" and saved["fine"]["value"] == 2
     assert signal.getsignal(signal.SIGALRM) == alarm and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    assert "| broken | failed: RuntimeError: boom |" in (tmp_path / "gpu_evidence.md").read_text()
 
 
 def test_sigterm_after_stops_train_py_with_a_checkpoint(tmp_path):
     """The quality run's clock: SIGTERM makes train.py save a checkpoint and return 128 + 15, also when the time is
     up before train.py has installed its handler (here at once: the clock waits for the handler)."""
+    import train
     from tinyddpm.checkpoint import load_checkpoint
 
-    train_images, _ = bundle.toy_images(8, np.random.default_rng(0))
-    data = bundle.write_cifar_layout(str(tmp_path / "data"), train_images, train_images[:2])
+    images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    data = bundle.write_cifar_layout(str(tmp_path / "data"), images, images[:2])
     run = tmp_path / "run"
     argv = ["--dataset", "cifar", "--class", "cat", "--data-dir", data, "--preset", "tiny", "--device", "cpu",
             "--out", str(run), "--steps", "400", "--batch-size", "2", "--log-every", "1", "--save-every", "400",
             "--sample-every", "400"]
     before = signal.getsignal(signal.SIGTERM)
-    with sections.sigterm_after(0):
-        code = sections.train_script_main(argv)
+    with ev_mod.sigterm_after(0):
+        code = train.main(argv)
     assert code == 128 + signal.SIGTERM
-    step = load_checkpoint(str(run / "ckpt.pt"))["step"]
-    assert 0 < step < 400 and sections.read_log(str(run))[-1]["step"] <= step
+    assert 0 < load_checkpoint(str(run / "ckpt.pt"))["step"] < 400
     assert signal.getsignal(signal.SIGTERM) == before  # restored afterwards
 
 
+def toy_cats(n, seed):
+    """n smooth random images and their JPEG files (which decode to them exactly)."""
+    rng = np.random.default_rng(seed)
+    files = [bundle.encode(img, "JPEG") for img in rng.integers(0, 256, (n, 4, 4, 3), np.uint8).repeat(8, 1).repeat(8, 2)]
+    return np.stack([bundle.decode(f) for f in files]), files
+
+
+@pytest.mark.filterwarnings("ignore:Duplicate name")  # the checksum file rewritten at the end
 def test_cats_round_trip_exactly(tmp_path):
-    rng = np.random.default_rng(1)
-    (train, train_jpegs), (test, test_jpegs) = bundle.toy_images(6, rng), bundle.toy_images(3, rng)
-    for jpegs in (dict(train=train_jpegs, test=test_jpegs), None):  # the JPEG files, then raw pixels
-        path = tmp_path / "cats.npz"
-        bundle.pack_cats(str(path), dict(train=train, test=test), jpegs)
-        splits, verified = bundle.unpack_cats(str(path))
-        assert verified == dict(train=True, test=True)
-        assert np.array_equal(splits["train"], train) and np.array_equal(splits["test"], test)
+    (train, train_jpegs), (test, _) = toy_cats(6, 1), toy_cats(3, 2)
+    path = str(tmp_path / bundle.CATS)
+    test[0, 0, 0] ^= 1  # no longer what any JPEG file decodes to: travels as a PNG
+    counts = bundle.pack_cats(path, dict(train=train, test=test), dict(train=train_jpegs[::-1]))  # any order
+    assert counts == dict(jpeg=6, png=3)
+    splits, verified = bundle.unpack_cats(path)
+    assert verified == dict(train=True, test=True)
+    assert np.array_equal(splits["train"], train) and np.array_equal(splits["test"], test)
     root = bundle.write_cifar_layout(str(tmp_path / "data"), train, test)
     assert np.array_equal(load_cifar10(root, "train", ["cat"], download=False)[0], train)  # same order
     assert np.array_equal(load_cifar10(root, "test", ["cat"], download=False)[0], test)
     assert len(load_cifar10(root, "train", ["dog"], download=False)[0]) == 0
 
-    with np.load(path) as z:  # a wrong checksum is reported, not hidden
-        arrays = dict(z)
-    arrays["test_sha256"] = np.array("0" * 64)
-    np.savez(path, **arrays)
-    assert bundle.unpack_cats(str(path))[1] == dict(train=True, test=False)
+    with zipfile.ZipFile(path, "a") as z:  # a wrong checksum is reported, not hidden
+        z.writestr(bundle.CHECKSUMS, json.dumps(dict(train=bundle.pixels_sha256(train), test="0" * 64)))
+    assert bundle.unpack_cats(path)[1] == dict(train=True, test=False)
 
 
-def test_make_cats_uses_the_jpeg_files_only_when_they_decode_exactly(tmp_path, monkeypatch):
-    rng = np.random.default_rng(2)
-    (train, train_jpegs), (test, test_jpegs) = bundle.toy_images(5, rng), bundle.toy_images(2, rng)
+def test_make_cats_takes_the_export_files_that_decode_exactly(tmp_path, monkeypatch):
+    (train, train_jpegs), (test, test_jpegs) = toy_cats(5, 3), toy_cats(2, 4)
     data = bundle.write_cifar_layout(str(tmp_path / "data"), train, test)
     monkeypatch.setattr(bundle, "TRAIN_CATS", 5)
     monkeypatch.setattr(bundle, "TEST_CATS", 2)
-
-    def zip_of(files):
-        path = tmp_path / "jpegs.zip"
-        with zipfile.ZipFile(path, "w") as z:
-            for name, data_ in files.items():
-                z.writestr(name, data_)
-        return str(path)
-
-    shuffled = {f"train/cat/{i:04d}.jpg": b for i, b in enumerate(reversed(train_jpegs))}  # any order
-    shuffled.update({f"test/cat/{i:04d}.jpg": b for i, b in enumerate(test_jpegs)})
-    assert bundle.make_cats(str(tmp_path), data, zip_of(shuffled), pixels=False) == "jpeg"
-    splits, verified = bundle.unpack_cats(str(tmp_path / bundle.CATS))
-    assert all(verified.values()) and np.array_equal(splits["train"], train)
-
-    shuffled["test/cat/0001.jpg"] = train_jpegs[0]  # one test cat has no matching file: raw pixels instead
-    assert bundle.make_cats(str(tmp_path), data, zip_of(shuffled), pixels=False) == "pixels"
-    assert bundle.make_cats(str(tmp_path), data, "no-such.zip", pixels=False) == "pixels"
+    export = tmp_path / "export.zip"
+    with zipfile.ZipFile(export, "w") as z:
+        for i, f in enumerate(train_jpegs):
+            z.writestr(f"train/cat/{i:04d}.jpg", f)
+        z.writestr("train/dog/0000.jpg", test_jpegs[0])  # another class: not a candidate
+        z.writestr("test/cat/0000.jpg", test_jpegs[1])
+    assert bundle.make_cats(str(tmp_path), data, str(export)) == dict(jpeg=6, png=1)
+    assert bundle.make_cats(str(tmp_path), data, "no-such.zip") == dict(jpeg=0, png=7)
+    assert np.array_equal(bundle.unpack_cats(str(tmp_path / bundle.CATS))[0]["test"], test)
     monkeypatch.setattr(bundle, "TEST_CATS", 3)
     with pytest.raises(UserError, match="expected 3"):
-        bundle.make_cats(str(tmp_path), data, "no-such.zip", pixels=True)
-
-
-def test_stand_in_weights_when_none_are_found(tmp_path, monkeypatch):
-    from tinyddpm import inception
-
-    def nothing(*a, **k):
-        raise UserError("no weights")
-
-    monkeypatch.setattr(inception, "find_weights", nothing)
-    how = bundle.make_toy_bundle(str(tmp_path))
-    monkeypatch.undo()
-    assert "stand-in" in how
-    state = torch.load(tmp_path / bundle.WEIGHTS, weights_only=True)
-    assert all(v.dtype == torch.float16 for v in state.values()) and not any("num_batches" in k for k in state)
-    model = inception.load_inception(str(tmp_path / bundle.WEIGHTS))  # the float16 file loads as FID weights
-    assert model.flavour == "fid"
-
-
-def test_pytorch_fid_gets_our_weights_where_it_loads_them(tmp_path, monkeypatch):
-    """pytorch-fid is not installed here (it needs torchvision): a stand-in module loads the checkpoint from where
-    pytorch-fid's load_state_dict_from_url looks, so a renamed helper or path breaks this test, not the GPU run."""
-    import types
-
-    from tinyddpm.inception import FID_WEIGHTS_NAME, FIDInceptionV3
-
-    class InceptionV3(torch.nn.Module):
-        BLOCK_INDEX_BY_DIM = {2048: 3}
-
-        def __init__(self, blocks):
-            super().__init__()
-            path = os.path.join(torch.hub.get_dir(), "checkpoints", FID_WEIGHTS_NAME)
-            self.state = torch.load(path, weights_only=True)
-
-        def forward(self, x):  # [B, 3, H, W] → [[B, 2048, 1, 1]], as pytorch-fid's blocks output
-            return [x.mean(dim=(2, 3), keepdim=True).repeat(1, 683, 1, 1)[:, :2048]]
-
-    module = types.ModuleType("pytorch_fid.inception")
-    module.InceptionV3 = InceptionV3
-    monkeypatch.setitem(sys.modules, "pytorch_fid", types.ModuleType("pytorch_fid"))
-    monkeypatch.setitem(sys.modules, "pytorch_fid.inception", module)
-    weights = str(tmp_path / "w.pth")
-    bundle.write_fp16_weights(FIDInceptionV3().state_dict(), weights)
-    hub = torch.hub.get_dir()
-    torch.hub.set_dir(str(tmp_path / "hub"))
-    try:
-        ev = SimpleNamespace(weights=weights, device=torch.device("cpu"), sizes=SimpleNamespace(fid_batch=2))
-        name, features = fid_section.pytorch_fid_extractor(ev)
-        assert name == "pytorch-fid" and features(np.zeros((3, 32, 32, 3), np.uint8)).shape == (3, 2048)
-    finally:
-        torch.hub.set_dir(hub)
+        bundle.make_cats(str(tmp_path), data, "no-such.zip")
 
 
 def test_size_check(tmp_path, capsys):
@@ -250,42 +196,38 @@ def test_size_check(tmp_path, capsys):
 
 
 def test_goals_are_read_off_the_result():
-    result = dict(sections=dict(
-        train=dict(rows={"tinyddpm/bf16": dict(img_s=300.0), "tinyddpm/bf16-compile": dict(img_s=450.0),
-                         "diffusers/bf16-compile": dict(img_s=200.0), "diffusers-cl/bf16-compile": dict(img_s=250.0),
-                         "diffusers/fp32": dict(img_s=900.0)}),
-        sample=dict(rows={"tinyddpm/eager": dict(img_steps_s=10.0), "diffusers/compiled": dict(img_steps_s=8.0),
-                          "diffusers-cl/eager": dict(img_steps_s=9.0), "diffusers/cuda-graph": dict(skipped="x")}),
-        quality=dict(reports=[dict(summary=dict(results=[dict(ratio=1.1, memorisation=dict(
-            train_images=5000, inception=dict(fraction=0.04), pixels=dict(fraction=0.12)))]))])))
-    measured = [m for _, m in sys.modules["gpu_evidence_md"].goals(result)]
-    assert measured == [pytest.approx(1.8), pytest.approx(10 / 9), 1.1, 0.12]
-    md = sys.modules["gpu_evidence_md"].markdown(result)
-    assert "| 1.80× | yes |" in md and "| 1.11× | no |" in md and "| 1.10× | yes |" in md and "| 12.0% | no |" in md
-
-
-def test_ratios_are_against_the_faster_diffusers_layout():
-    rows = {"tinyddpm/bf16": dict(img_s=30.0), "diffusers/bf16": dict(img_s=10.0),
-            "diffusers-cl/bf16": dict(img_s=20.0), "tinyddpm/fp32": dict(img_s=5.0), "diffusers/fp32": dict(error="x")}
-    sections.add_ratios(rows, "img_s")
-    assert rows["tinyddpm/bf16"]["vs_diffusers"] == 1.5 and "vs_diffusers" not in rows["tinyddpm/fp32"]
-    assert sections.faster_diffusers(rows, "img_s", "bf16") == "diffusers-cl"
-    assert sections.faster_diffusers(rows, "img_s", "fp32") is None
+    rows = [dict(system="tinyddpm", mode="bf16", train_img_s=300.0, sample_img_steps_s=10.0),
+            dict(system="tinyddpm", mode="bf16-compile", train_img_s=450.0, sample_img_steps_s=8.0,
+                 sample_graph_img_steps_s=12.0),
+            dict(system="diffusers", mode="bf16-compile", train_img_s=200.0, sample_img_steps_s=7.0),
+            dict(system="diffusers-cl", mode="bf16-compile", train_img_s=250.0, sample_img_steps_s=9.0),
+            dict(system="diffusers", mode="fp32", train_img_s=900.0, sample_img_steps_s=1.0),  # not the goal's mode
+            dict(system="diffusers-cl", mode="bf16", error="x")]
+    memo = dict(train_images=5000, inception=dict(fraction=0.04), pixels=dict(fraction=0.12))
+    result = dict(steps=dict(unet=dict(status="ok", figures=dict(results=rows)),
+                             quality=dict(status="ok", report=dict(results=[dict(ratio=1.1, memorisation=memo)]))))
+    assert ev_mod.goals(result) == [pytest.approx(1.8), pytest.approx(12 / 9), 1.1, 0.12]
+    md = ev_mod.markdown(result)
+    assert "| 1.80× | yes |" in md and "| 1.33× | no |" in md and "| 1.10× | yes |" in md and "| 12.0% | no |" in md
+    assert ev_mod.goals(dict(steps={})) == [None] * 4  # nothing measured: nothing claimed
+    assert ev_mod.markdown(dict(steps={})).count("| — | — |") == len(ev_mod.GOALS)
 
 
 @pytest.mark.parametrize("argv,match", [
     (["--out", "FILE"], "is a file"),
-    (["--out", "DIR"], "no CUDA GPU"),
-    (["--out", "DIR", "--bundle", "nowhere", "--device", "cpu"], "no bundle in nowhere"),
+    (["--out", "DIR", "--bundle", "nowhere"], "no bundle in nowhere"),
+    (["--out", "DIR", "--bundle", "BUNDLE"], "no CUDA GPU"),
 ])
 def test_user_mistakes_are_one_line_errors(argv, match, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     (tmp_path / "FILE").write_text("mine")
-    argv = [str(tmp_path / a) if a in ("FILE", "DIR") else a for a in argv]
+    (tmp_path / "BUNDLE").mkdir()
+    (tmp_path / "BUNDLE" / bundle.CATS).write_bytes(b"")
+    argv = [str(tmp_path / a) if a in ("FILE", "DIR", "BUNDLE") else a for a in argv]
     assert run_cli(ev_mod.main, argv) == EXIT_USAGE
     err = capsys.readouterr().err
     assert err.startswith("error: ") and match in err and err.count("\n") == 1 and "Traceback" not in err
-    assert (tmp_path / "FILE").read_text() == "mine"
+    assert (tmp_path / "FILE").read_text() == "mine" and not (tmp_path / "DIR").exists()
 
 
 def test_bundle_maker_one_line_error(tmp_path, capsys, monkeypatch):
