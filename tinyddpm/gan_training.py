@@ -117,7 +117,7 @@ def _loop(run, step, signals, gan, ema):
     sums = torch.zeros(4, device=device)  # d_loss, g_loss, D(x), D(G(z)) summed on the device: no sync per step
     t0, n_since = time.perf_counter(), 0
     while step < tcfg.steps:
-        idx = run.sampler.next().to(device)
+        idx = run.batches.next().to(device)
         x = data_mod.to_float(data.images[idx])
         if cfg.data.flip:
             x = data_mod.random_flip(x, gen)

@@ -7,7 +7,7 @@ the cadence of reports, grids and checkpoints. The diffusion loop (training.py) 
     ... build the networks and optimizers ...
     with run.begin(models, optimizers) as step, StopSignals() as signals:  # resumed; the folder made and locked
         while step < steps:
-            ... one step; step += 1 ...
+            ... one step on the indices run.batches.next(); step += 1 ...
             report, grid, save, stop = run.due(step, signals)   # raises first if a step was NaN/Inf
             ... if save: run.save(step) ... if stop: run.stop(step, signals); break
 
@@ -262,6 +262,7 @@ class Run:
         self.gen = torch.Generator(device=device).manual_seed(cfg.train.seed)  # flips, timesteps, noise, drops
         self.guard = NonFiniteGuard(device, skip_nonfinite)
         self.last_saved, self.stopped_by, self.models, self.optimizers = None, None, {}, {}
+        self._read = None  # (identity, checkpoint) of the folder's checkpoint once read; dropped when training starts
 
     @property
     def out(self):
@@ -270,7 +271,7 @@ class Run:
     def load_data(self):
         self.data = load_training_data(self.cfg, self.device)
         t = self.cfg.train
-        self.sampler = data_mod.BatchSampler(self.data.images.shape[0], t.batch_size, t.seed, dist.rank(),
+        self.batches = data_mod.BatchSampler(self.data.images.shape[0], t.batch_size, t.seed, dist.rank(),
                                              dist.world_size())
         return self.data
 
@@ -298,12 +299,34 @@ class Run:
             return None
         return st.st_ino, st.st_size, st.st_mtime_ns
 
+    def _checkpoint(self):
+        """The folder's checkpoint (checkpoint.load_checkpoint: its config validated, a damaged or foreign file one
+        line), or None for a new run. Read once for each version of the file."""
+        identity = self._ckpt_identity()
+        if identity is None:
+            return None
+        if self._read is None or self._read[0] != identity:
+            self._read = (identity, load_checkpoint(self.folder.ckpt))
+        return self._read[1]
+
+    def previous_config(self):
+        """The RunConfig the folder's checkpoint was trained with, or None for a new run; callable before `begin`
+        (a loop that fixes values when a run starts reads them back here)."""
+        ckpt = self._checkpoint()
+        return None if ckpt is None else ckpt["run_config"]
+
+    def previous_snapshot_step(self):
+        """The step of the checkpoint's autoguidance snapshot (ema.Snapshot), or None (a new run, none taken);
+        `begin` checks the snapshot itself."""
+        ckpt = self._checkpoint()
+        guide = None if ckpt is None else ckpt["models"].get("guide")
+        return guide.get("step") if isinstance(guide, dict) and guide else None
+
     def _resume(self):
         """Every state restored from the folder's checkpoint, or a one-line refusal; the step (0: a new run)."""
-        path = self.folder.ckpt
-        if not os.path.exists(path):
+        path, ckpt = self.folder.ckpt, self._checkpoint()
+        if ckpt is None:
             return 0
-        ckpt = load_checkpoint(path)  # its config passes config.validate, or it is refused
         self._check_belongs(ckpt)
         try:
             for name, m in self.models.items():
@@ -315,7 +338,7 @@ class Run:
             for name, opt in self.optimizers.items():
                 opt.load_state_dict(ckpt["optimizers"][name])
                 _check_optimizer_state(opt)
-            self.sampler.load_state_dict(ckpt["sampler"])
+            self.batches.load_state_dict(ckpt["sampler"])
             restore_rng_state(ckpt["rng"], self.gen, self.cfg.train.seed)
             step, skipped = ckpt["step"], ckpt.get("skipped_steps", 0)
             if not all(isinstance(v, int) and v >= 0 for v in (step, skipped)):
@@ -357,6 +380,7 @@ class Run:
             if not dist.all_equal(step, self.device):
                 raise UserError(f"the processes found different checkpoints in {self.out} (this one: step {step}); "
                                 "put --out on a filesystem that every machine shares")
+            self._read = None  # restored: its tensors need not stay in memory
             self.folder.remove_stale_temp()
             self.folder.trim_log(step)  # a killed run may have logged past its last checkpoint
             self.folder.write_config(self.cfg)
@@ -380,7 +404,7 @@ class Run:
                      data=self.data.fingerprint, step=step,
                      models={k: m.state_dict() for k, m in self.models.items()},
                      optimizers={k: o.state_dict() for k, o in self.optimizers.items()},
-                     rng=gathered_rng_state(self.gen), sampler=self.sampler.state_dict(),
+                     rng=gathered_rng_state(self.gen), sampler=self.batches.state_dict(),
                      skipped_steps=self.guard.skipped)
         if dist.is_main():
             save_checkpoint(self.folder.ckpt, state)
