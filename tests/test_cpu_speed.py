@@ -2,7 +2,7 @@
 float tolerance with the old state-dict keys; and the CPU policy (tinyddpm/cpu.py) picks threads from the free cores,
 obeys an explicit count and keeps big tensors out of mmap. No timings here: benchmarks/ measures speed."""
 import copy
-import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -23,9 +23,12 @@ from tinyddpm.unet import UNet
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
-# State-dict signatures ("name shape" lines, sha256) of the U-Net as main wrote it before the layout change.
-OLD_KEYS = {("tiny", "none"): (148, "5851d6400f9dcc5d"), ("small", "none"): (304, "a696fb87eba3db2c"),
-            ("tiny", "class"): (149, "b1aef41d83699f06")}
+# The U-Net's state dicts (names, shapes, order) as main wrote them before the layout change: what every checkpoint
+# written since holds, so a key renamed or reshaped would stop them loading.
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+with open(os.path.join(FIXTURES, "unet_state_dicts.json")) as _f:
+    OLD_STATE_DICTS = {tuple(name.split("/")): [(k, tuple(shape)) for k, shape in keys]
+                       for name, keys in json.load(_f).items()}
 IMAGE = 32
 TOL = dict(rtol=1e-4, atol=1e-5)  # float32 rounding of a different summation order in the convolutions
 LR = 1e-3  # the tiny preset's
@@ -58,11 +61,16 @@ def inputs(n=4, seed=1):
 
 # ------------------------------------------------------------------------------------------ the U-Net's numbers
 
-@pytest.mark.parametrize("preset,cond_kind", sorted(OLD_KEYS))
+@pytest.mark.parametrize("preset,cond_kind", sorted(OLD_STATE_DICTS))
 def test_state_dict_names_and_shapes_are_the_old_ones(preset, cond_kind):
-    sd = build(preset, cond_kind).state_dict()
-    signature = "\n".join(f"{k} {tuple(v.shape)}" for k, v in sd.items())
-    assert (len(sd), hashlib.sha256(signature.encode()).hexdigest()[:16]) == OLD_KEYS[(preset, cond_kind)]
+    got = [(k, tuple(v.shape)) for k, v in build(preset, cond_kind).state_dict().items()]
+    want = OLD_STATE_DICTS[(preset, cond_kind)]
+    got_shapes, want_shapes = dict(got), dict(want)
+    missing, new = sorted(set(want_shapes) - set(got_shapes)), sorted(set(got_shapes) - set(want_shapes))
+    reshaped = [f"{k} {want_shapes[k]} → {got_shapes[k]}" for k in sorted(set(want_shapes) & set(got_shapes))
+                if want_shapes[k] != got_shapes[k]]
+    assert not (missing or new or reshaped), f"missing {missing}; new {new}; reshaped {reshaped}"
+    assert [k for k, _ in got] == [k for k, _ in want]  # the same order as well
 
 
 def test_weights_and_activations_are_channels_last():
