@@ -10,7 +10,8 @@
 An input is a folder (searched recursively), a .npz statistics file (keys mu, sigma), a .npy/.npz uint8 image
 array [N, H, W, 3] or a dataset reference cifar10:CLASSES:SPLIT[:N] (the first N images of the split in file
 order; CLASSES are names joined by commas, or all), read from --data-dir. Entries of a folder that are not images
-(other extensions, hidden files, dangling symlinks, symlink loops, FIFOs) are left out, and a line says which.
+(other extensions, hidden files, dangling symlinks, symlink loops, FIFOs, links to folders outside it) are left
+out, and a line says which.
 Progress goes to stderr, the result alone to stdout.
 """
 import argparse

@@ -2,8 +2,9 @@
 
 `resolve_source` is the one place that knows the input kinds, and it checks everything it can before anything
 slow starts:
-- a folder is searched recursively (symlinked folders are followed once; loops, dangling links, FIFOs, devices,
-  hidden and non-image files are skipped and counted, never opened), its files decoded in DataLoader workers;
+- a folder is searched recursively by imageio.scan_images (linked folders inside it once, none outside it; loops,
+  dangling links, FIFOs, devices, hidden and non-image files are skipped and counted, never opened), its files
+  decoded in DataLoader workers;
 - a .npy/.npz uint8 array [N, H, W, 3] (also [N, H, W], [N, H, W, 1] and NCHW), memory-mapped for .npy;
 - a dataset reference `cifar10:CLASSES:SPLIT[:N]`, read from --data-dir (downloaded there if missing);
 - a pytorch-fid statistics file (.npz with mu [d] and sigma [d, d]). Its format is read and written here only.
@@ -242,8 +243,8 @@ def check_statistics(mu, sigma, name):
 
 
 def load_statistics(path, data=None):
-    """(mu, sigma) in their stored precision from a pytorch-fid style .npz (keys mu, sigma; `data`: its arrays if already read),
-    validated (check_statistics)."""
+    """(mu, sigma) in their stored precision from a pytorch-fid style .npz (keys mu, sigma; `data`: its arrays if
+    already read), validated (check_statistics)."""
     data = _read_npz(path) if data is None else data
     if "mu" not in data or "sigma" not in data:
         raise UserError(f"{path} has keys {sorted(data)}; a statistics file needs mu and sigma")
