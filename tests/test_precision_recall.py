@@ -101,7 +101,8 @@ def test_report_flags_a_model_that_returns_training_images(cat_ckpt, fake, cifar
     from tinyddpm.generate import LoadedModel
 
     train_cats = small(cifar_root, "train", [3])[0]
-    monkeypatch.setattr(LoadedModel, "images", lambda self, seeds, *a, **k: train_cats[10:10 + len(seeds)].copy())
+    monkeypatch.setattr(LoadedModel, "images",
+                        lambda self, cond, options, *a, **k: train_cats[10:10 + len(options.seeds())].copy())
     code, out, err = run_script(sample, _report(cat_ckpt, tmp_path, "--data-dir", cifar_root, "--n", str(n)),
                                 capsys)
     assert code == 0, err
