@@ -12,7 +12,7 @@ import train
 from tests.helpers import assert_user_error, make_image_folder, run_script
 from tinyddpm.checkpoint import load_checkpoint
 from tinyddpm.config import build_config, user_overrides
-from tinyddpm.generate import LoadedModel
+from tinyddpm.generate import LoadedModel, SamplingOptions
 from tinyddpm.gan_training import train_gan
 
 # Narrow networks on 16 px images: a step takes milliseconds, the structure is the real one.
@@ -52,7 +52,7 @@ def test_run_folder_and_checkpoint_round_trip(tmp_path, capsys):
     assert ck["run_config"].gan.g_channels == 8 and ck["sampler"]["n"] == 6
     assert ck["optimizers"]["g"]["param_groups"][0]["betas"] == (0.5, 0.999)
     # --ema-decay 0: the EMA weights are the generator's (only the BatchNorm statistics are re-estimated).
-    for k, v in dict(LoadedModel(str(out), torch.device("cpu")).model.named_parameters()).items():
+    for k, v in dict(LoadedModel(str(out), torch.device("cpu")).net.named_parameters()).items():
         assert torch.equal(v, ck["models"]["generator"][k]), k
     assert json.load(open(out / "config.json"))["model"] == "dcgan"
     assert sorted(os.listdir(out / "samples")) == ["step_0000002.png", "step_0000004.png"]
@@ -107,10 +107,15 @@ def test_resume_refuses_other_config_or_kind(tmp_path, capsys):
     assert (out / "ckpt.pt").read_bytes() == before
 
 
+def images(loaded, seed, n, cond=None):
+    """uint8 [n, S, S, 3] for seeds seed … seed + n − 1 (cond: rows cycled over the images)."""
+    return loaded.images(cond, SamplingOptions(n=n, seed=seed))
+
+
 def test_sampling_per_image_seeds_and_batch_size(gan_ckpt, tmp_path, capsys):
     gen = LoadedModel(str(gan_ckpt), torch.device("cpu"))
-    assert gen.kind == "dcgan" and not gen.model.training
-    a, b = gen.images([5, 6, 7]), gen.images([7])
+    assert gen.kind == "dcgan" and not gen.net.training
+    a, b = images(gen, seed=5, n=3), images(gen, seed=7, n=1)
     assert a.shape == (3, 16, 16, 3) and (a[2] == b[0]).all() and not (a[0] == a[1]).all()
     runs = {}
     for bs in ("1", "3"):
@@ -120,7 +125,7 @@ def test_sampling_per_image_seeds_and_batch_size(gan_ckpt, tmp_path, capsys):
         assert sorted(os.listdir(tmp_path / bs)) == ["000000.png", "000001.png", "000002.png", "grid.png"]
         runs[bs] = [np.asarray(Image.open(tmp_path / bs / f"00000{i}.png")) for i in range(3)]
     assert all((x == y).all() for x, y in zip(runs["1"], runs["3"]))
-    raw = LoadedModel(str(gan_ckpt), torch.device("cpu"), use_ema=False).images([5, 6, 7])
+    raw = images(LoadedModel(str(gan_ckpt), torch.device("cpu"), use_ema=False), seed=5, n=3)
     assert not (raw == a).all()  # --raw really loads the other weights
 
 
@@ -160,7 +165,7 @@ def test_conditional_gan_on_cifar(cifar_root, tmp_path, capsys):
     assert ck["models"]["generator"]["embed.weight"].shape == (2, 64)  # both networks see the class
     assert ck["models"]["discriminator"]["embed.weight"].shape[0] == 2
     gen = LoadedModel(str(out), torch.device("cpu"))
-    cat, dog = gen.images([0, 1], torch.tensor([0, 0])), gen.images([0, 1], torch.tensor([1, 1]))
+    cat, dog = images(gen, 0, 2, torch.tensor([0])), images(gen, 0, 2, torch.tensor([1]))
     assert cat.shape == (2, 32, 32, 3) and not (cat == dog).all()  # same latents, other class, other images
     code, _, err = run_script(sample, ["--ckpt", str(out), "--n", "2", "--class", "dog", "--out",
                                        str(tmp_path / "dogs"), "--device", "cpu"], capsys)
