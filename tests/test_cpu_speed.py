@@ -17,7 +17,8 @@ from tinyddpm import cpu, statistics
 from tinyddpm.config import ATTEND_COARSEST, build_config
 from tinyddpm.diffusion import GaussianDiffusion
 from tinyddpm.errors import EXIT_USAGE, UserError, run_cli
-from tinyddpm.generate import LoadedModel
+from tinyddpm.generate import LoadedModel, SamplingOptions
+from tinyddpm.samplers import SamplerOptions
 from tinyddpm.schedules import get_betas
 from tinyddpm.unet import UNet
 
@@ -234,15 +235,15 @@ def test_sampling_follows_the_free_cores(threads_restored, monkeypatch, tmp_path
              "--steps", "1", *MICRO_FLAGS]
     assert run_cli(train.main, flags) == 0
     gen = LoadedModel(str(tmp_path / "run" / "ckpt.pt"), torch.device("cpu"))
-    seen, forward = [], gen.model.forward
+    seen, forward = [], gen.net.forward
 
     def recording(*args, **kwargs):
         seen.append(torch.get_num_threads())
         return forward(*args, **kwargs)
 
-    monkeypatch.setattr(gen.model, "forward", recording)
+    monkeypatch.setattr(gen.net, "forward", recording)
     a_neighbour_started_after_the_probe(monkeypatch)
-    gen.sample([0, 1], sampler="ddim", steps=3)
+    gen.sample([0, 1], None, SamplingOptions(sampler=SamplerOptions("ddim", steps=3)))
     assert seen == [1, 1, 1]
 
 
