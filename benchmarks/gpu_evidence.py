@@ -66,7 +66,8 @@ REPORT_PNGS = 2  # the report's sample grid and closest pairs, copied to --out (
 SIGTERM_POLL_S = 0.1  # how often the quality run's clock looks whether train.py's signal handler is in place
 # Per step: the flags of the script it runs (besides data, device and folders). caps: seconds per step; the quality
 # step gets the rest of budget_s, of which report_reserve_s is kept for the report.
-FULL = dict(unet=["--config", "ddpm-cifar", "--sample-batch", "1000", "--repeats", "1"],
+FULL = dict(unet=["--config", "ddpm-cifar", "--sample-batch", "1000", "--repeats", "1", "--modes", "bf16",
+                  "bf16-compile", "fp32"],  # what the goals compare first: a time cap loses the fp32 rows
             loop=["--preset", "ddpm-cifar", "--steps", "200", "--log-every", "50", "--grid-size", "16",
                   "--grid-steps", "10"],
             sampler=["--n", "1000", "--batch-size", "1000"], fid=["--images", "1000", "--batch-size", "250"],
