@@ -8,7 +8,8 @@ import sample
 import train
 from tests.helpers import MICRO_FLAGS, assert_user_error, make_image_folder, run_script
 from tinyddpm.checkpoint import load_checkpoint
-from tinyddpm.generate import LoadedModel
+from tinyddpm.generate import LoadedModel, SamplingOptions
+from tinyddpm.samplers import SamplerOptions
 
 
 def folder_flags(tmp_path, out, steps, extra=()):
@@ -62,8 +63,8 @@ def test_checkpoint_round_trip_and_sampling(tmp_path, capsys):
     assert ck["kind"] == "ddpm" and ck["step"] == 3 and ck["run_config"].unet.base_channels == 32
     assert os.path.exists(out / "samples" / "step_0000003.png") and os.path.exists(out / "config.json")
     gen = LoadedModel(str(out / "ckpt.pt"), torch.device("cpu"))
-    a = gen.images([5, 6, 7], steps=4)
-    b = gen.images([7], steps=4)
+    a, b = (gen.images(None, SamplingOptions(n=n, seed=seed, sampler=SamplerOptions(steps=4))) for seed, n in
+            ((5, 3), (7, 1)))
     assert a.shape == (3, 16, 16, 3) and (a[2] == b[0]).all()   # per-image seeds
     code, stdout, err = run_script(sample, ["--ckpt", str(out / "ckpt.pt"), "--n", "3", "--out",
                                             str(tmp_path / "s"), "--steps", "3", "--device", "cpu"], capsys)
@@ -85,18 +86,19 @@ def test_learned_sigma_and_v_objective_train(tmp_path, capsys):
     assert "bits/dim" in stdout
 
 
-def test_sample_grids_use_the_configured_sampler_and_eta(tmp_path, monkeypatch):
+def test_sample_grids_use_the_configured_sampler_and_eta(monkeypatch):
     """The grid's sampler, η and steps come from --grid-sampler / --grid-eta / --grid-steps (default DDIM, η 1: a
-    young model's η = 0 grid is saturated noise)."""
+    young model's η = 0 grid is saturated noise); ddpm takes every timestep and no η."""
     from tinyddpm import training
     from tinyddpm.config import build_config
     from tinyddpm.models import build_diffusion, build_unet
 
     seen = []
-    monkeypatch.setattr(training, "sample", lambda *a, **kw: seen.append((a[0], kw)) or torch.zeros(2, 3, 8, 8))
-    for extra, name, eta in (({}, "ddim", 1.0), ({"grid_eta": 0.0}, "ddim", 0.0), ({"grid_sampler": "ddpm"}, "ddpm",
-                                                                                     1.0)):
+    monkeypatch.setattr(training, "sample", lambda diffusion, fn, options, noise: seen.append(options) or
+                        torch.zeros(2, 3, 8, 8))
+    for extra, name, eta, steps in (({}, "ddim", 1.0, 3), ({"grid_eta": 0.0}, "ddim", 0.0, 3),
+                                    ({"grid_sampler": "ddpm"}, "ddpm", 0.0, None)):
         cfg = build_config("tiny", {"data": {"image_size": 8}, "train": {"grid_size": 2, "grid_steps": 3, **extra}})
         labels = {"kind": "none", "names": []}
-        training.save_grid(build_unet(cfg, labels), build_diffusion(cfg), cfg, labels, "cpu", tmp_path / "g.png")
-        assert seen[-1][0] == name and seen[-1][1]["eta"] == eta and seen[-1][1]["steps"] == 3
+        training.grid_images(build_unet(cfg, labels), build_diffusion(cfg), cfg, labels, "cpu")
+        assert (seen[-1].name, seen[-1].eta, seen[-1].steps) == (name, eta, steps)
