@@ -78,7 +78,7 @@ SMOKE = dict(unet=["--config", "tiny", "--batch-size", "4", "--sample-batch", "4
              loop=["--preset", "tiny", "--steps", "4", "--batch-size", "4", "--log-every", "2", "--grid-size", "4",
                    "--grid-steps", "2"],
              sampler=["--n", "4", "--batch-size", "4", "--steps", "2"],
-             fid=["--images", "2", "--batch-size", "2", "--repeats", "1", "--skip", "fd", "fid"],
+             fid=["--images", "2", "--batch-size", "2", "--repeats", "1", "--threads", "1", "--skip", "fd", "fid"],
              quality=["--preset", "tiny", "--steps", "6", "--log-every", "3", "--batch-size", "4"],
              report=["--n", "4", "--steps", "2", "--batch-size", "4"],
              caps=dict(unet=60, loop=60, sampler=60, fid=60), report_reserve_s=20, budget_s=240)
@@ -325,7 +325,7 @@ def train_run(ev, run, flags):
                        "--out", run, *flags])
     with open(os.path.join(run, "log.jsonl")) as f:
         log = [json.loads(line) for line in f if line.strip()] or [{}]
-    rates = [r["img_per_s"] for r in log if "img_per_s" in r]
+    rates = [round(r["img_per_s"], 1) for r in log if "img_per_s" in r]
     return dict(command="python train.py " + " ".join(flags), exit_code=code, wall_s=round(time.perf_counter() - t, 1),
                 img_s=statistics.median(rates[1:] or rates) if rates else None, img_s_lines=rates,
                 steps=log[-1].get("step"), last_loss=log[-1].get("loss"))
