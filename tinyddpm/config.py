@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields
 
 from .checks import check_values, flag_name, in_file  # check_values: the one value check, for any dataclass
 from .constants import MAX_BATCH, MODEL_KINDS, SAMPLERS
+from .diffusion import EDM_LEVELS, OBJECTIVES, TRAIN_LEVELS
 from .errors import UserError
 from .models import check_architecture
 
@@ -21,6 +22,7 @@ MAX_WIDTH = 4096  # channels of a layer, latent size, attention heads
 MAX_MULT = 64  # U-Net channel multiplier per level
 MAX_BLOCKS = 64  # residual blocks per U-Net level
 MAX_TIMESTEPS = 100_000
+MAX_MINUTES = 10 * 24 * 60  # a time budget of ten days: beyond it, a typo
 MAX_GRID = 1024  # images in a training sample grid
 MAX_SHAPES = 1_000_000  # rendered shapes scenes (3 KB each at 32 px, all held in memory)
 LR_DECAYS = ("constant", "cosine")
@@ -60,13 +62,19 @@ class DiffusionConfig:
     timesteps: int = field(default=1000, metadata=dict(min=1, max=MAX_TIMESTEPS, help="diffusion steps T"))
     schedule: str = field(default="linear", metadata=dict(choices=("linear", "cosine", "sigmoid"),
                                                           help="noise schedule"))
-    objective: str = field(default="eps", metadata=dict(choices=("eps", "x0", "v"), help="what the model predicts"))
+    objective: str = field(default="eps", metadata=dict(choices=OBJECTIVES, help=(
+        "what the model predicts: ε, x0, v, or edm (EDM's preconditioned F, Karras et al. 2022)")))
     learn_sigma: bool = field(default=False, metadata=dict(help="learn the variance (hybrid loss)"))
     vlb_weight: float = field(default=0.001, metadata=dict(min=0.0,
                                                          help="λ of L_simple + λ·L_vlb with --learn-sigma"))
     min_snr_gamma: float = field(default=0.0, metadata=dict(min=0.0, help=(
         "min-SNR-γ loss weighting (Hang et al. 2023): each timestep's MSE weighted as if its SNR were capped at γ "
         "(5 in the paper); 0: off, plain L_simple")))
+    sigma_data: float = field(default=0.5, metadata=dict(gt=0.0, help="the data's std, for --objective edm"))
+    train_levels: str = field(default="uniform", metadata=dict(choices=TRAIN_LEVELS, help=(
+        "training noise levels: a uniform whole timestep, or EDM's lognormal ln σ ~ N(--p-mean, --p-std²)")))
+    p_mean: float = field(default=EDM_LEVELS[1], metadata=dict(help="mean of ln σ for --train-levels lognormal"))
+    p_std: float = field(default=EDM_LEVELS[2], metadata=dict(gt=0.0, help="std of ln σ for lognormal levels"))
 
 
 @dataclass
@@ -91,7 +99,11 @@ class GANConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = field(default=100_000, metadata=dict(min=1, help="optimizer steps in total"))
+    steps: int = field(default=100_000, metadata=dict(min=1, help=(
+        "optimizer steps in total (a fixed count: turns the preset's --minutes budget off)")))
+    minutes: float = field(default=0.0, metadata=dict(min=0.0, max=MAX_MINUTES, help=(
+        "time budget: time the first steps on this machine, then fix --steps to fill M minutes of training "
+        "(stored in the run; a resume finishes that count); 0: train --steps")))
     batch_size: int = field(default=128, metadata=dict(min=1, max=MAX_BATCH,
                                                     help="images per step (global batch under torchrun)"))
     lr: float = field(default=2e-4, metadata=dict(gt=0.0, help="learning rate"))
@@ -104,9 +116,10 @@ class TrainConfig:
     ema_decay: float = field(default=0.9999, metadata=dict(min=0.0, max=1.0, help="EMA decay of the weights"))
     ema_warmup: bool = field(default=True, metadata=dict(
         help="EMA warm-up: decay min(decay, (1+s)/(10+s)), so early samples are not dominated by the init"))
-    guide_at: float = field(default=0.0, metadata=dict(min=0.0, max=1.0, help=(
+    # < 1: a snapshot of the final weights would be the final model itself, doubling sampling for nothing.
+    guide_at: float = field(default=0.0, metadata=dict(min=0.0, lt=1.0, help=(
         "keep the EMA weights after this fraction of --steps as the autoguidance model that sample.py uses by "
-        "default (Karras et al. 2024; docs/recipe.md, seventh round); 0: none")))
+        "default (Karras et al. 2024; docs/recipe.md); 0: none")))
     seed: int = field(default=0, metadata=dict(help="seed for weights, data order and noise"))
     compile: bool = field(default=False, metadata=dict(help="torch.compile the training step"))
     log_every: int = field(default=50, metadata=dict(min=1, help="steps between progress lines"))
@@ -172,6 +185,10 @@ def validate(cfg, where=None):
             raise UserError(f"--preset must be one of {', '.join(PRESETS)} (got {cfg.preset!r})")
         for name in SECTIONS:
             check_values(getattr(cfg, name))
+        d = cfg.diffusion
+        if d.learn_sigma and (d.objective == "edm" or d.train_levels != "uniform"):
+            raise UserError("--learn-sigma trains the variance with the VLB at whole timesteps; it does not combine "
+                            "with --objective edm or --train-levels lognormal")
         check_architecture(cfg)
     except UserError as e:
         if where is None:
@@ -179,24 +196,21 @@ def validate(cfg, where=None):
         raise UserError(in_file(where, str(e))) from None
     return cfg
 
-# The tiny preset keeps its EMA weights after this fraction of the run (step 2,000 of 8,000) as the "bad version" for
-# autoguidance: with it, sample.py's default report on the README's cats went from 80.58 to 69.77 (fresh clone; on
-# an earlier checkpoint of the preset from 80.86 to 71.11, where steps 1,000 and 3,000 gave 86.50 and 72.59;
-# docs/recipe.md, seventh round). On class-conditional cat + frog it gave 76.64 / 61.28 (w = 1.5) against
-# 88.45 / 73.91, and on shapes 68.8 % against 67.6 % at w = 2 (eighth round), so every tiny diffusion run keeps it;
-# a DCGAN has no use for it (build_config), and the larger presets are unmeasured and keep none.
+# The tiny preset keeps its EMA weights after this fraction of the run as the "bad version" for autoguidance
+# (docs/recipe.md): every tiny diffusion run keeps it; a DCGAN has no use for it (build_config), and the larger
+# presets are unmeasured and keep none.
 GUIDE_AT = 0.25
 
 # Named presets: only the fields that differ from the defaults above.
 PRESETS = {
-    # The CPU half-hour (docs/recipe.md): about 26 minutes on 2 idle cores (168 img/s). From the measured ablation:
-    # attention at the coarsest level (ATTEND_COARSEST: 8 px for 32-px images) and a cosine learning-rate decay each
-    # helped at equal images; min-SNR-γ, the v objective and a wider net at equal compute did not; more steps
-    # helped most, so the preset fills the half-hour.
+    # The CPU half-hour: a 30-minute time budget (--minutes 0 trains the fixed 8,000 steps instead). Why each value
+    # is what it is, and what lost: the measured ablation in docs/recipe.md. Attention sits at the coarsest level
+    # (ATTEND_COARSEST).
     "tiny": dict(unet=dict(base_channels=32, channel_mults=(1, 1, 2), num_res_blocks=1, attn_resolutions=(),
                            dropout=0.0),
                  diffusion=dict(timesteps=1000),
-                 train=dict(steps=8000, batch_size=32, lr=1e-3, warmup=100, lr_decay="cosine", ema_decay=0.999,
+                 train=dict(steps=8000, minutes=30.0, batch_size=32, lr=1e-3, warmup=100, lr_decay="cosine",
+                            ema_decay=0.999,
                             guide_at=GUIDE_AT, log_every=20, sample_every=500, save_every=500, grid_size=16,
                             grid_steps=25)),
     # A single-GPU model that trains in tens of minutes.
@@ -245,17 +259,17 @@ def user_overrides(args):
     return out
 
 
-# The presets are tuned for diffusion; a DCGAN keeps their cadence but takes the DCGAN paper's Adam rate and a batch
-# of 64 (tiny's lr 1e-3 and batch 32 are diffusion choices), and its own length: 12,000 steps × 64, measured at
-# 27.6 min on 2 idle cores, FID-1k 1.72× the floor (5,000 steps gave 2.51×; docs/gan.md).
+# The presets are tuned for diffusion; a DCGAN keeps their cadence and time budget but takes the DCGAN paper's Adam
+# rate and a batch of 64 (tiny's lr 1e-3 and batch 32 are diffusion choices), and 12,000 steps when the budget is
+# off (docs/gan.md).
 GAN_PRESET_CHANGES = {"tiny": dict(train=dict(lr=2e-4, batch_size=64, steps=12000))}
 
 
 # Defaults that depend on the data: a shapes scene is lit from the upper left, so a mirrored scene is one the
 # renderer never makes (its highlights on the wrong side); flips stay available with --flip. Shapes models condition
-# on label sets, and the time + label embedding as a per-channel scale and shift of every block (FiLM) gave 67.3 %
-# held-out accuracy at w = 2 against 57.0 % for the added embedding (docs/recipe.md, fourth round); on cats it tied,
-# so only shapes get it by default (--no-scale-shift-norm turns it off).
+# on label sets, where the time + label embedding as a per-channel scale and shift of every block (FiLM) won
+# clearly over the added embedding; on cats it tied (docs/recipe.md), so only shapes get it by default
+# (--no-scale-shift-norm turns it off).
 DATASET_CHANGES = {"shapes": dict(data=dict(flip=False), unet=dict(scale_shift_norm=True))}
 
 
@@ -267,9 +281,13 @@ ATTEND_COARSEST = ("tiny",)
 
 def build_config(preset: str, overrides: dict, model: str = "ddpm") -> RunConfig:
     """Defaults ← preset ← (GAN changes) ← dataset changes ← user flags, then ATTEND_COARSEST and, for a DCGAN,
-    no autoguidance snapshot (GUIDE_AT) unless --guide-at is given (train.py then refuses it)."""
+    no autoguidance snapshot (GUIDE_AT) unless --guide-at is given (train.py then refuses it). --steps turns the
+    preset's time budget off (a fixed count); --steps with --minutes is refused."""
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    asked = overrides.get("train", {})
+    if "steps" in asked and "minutes" in asked:
+        raise UserError("give --steps N (a fixed count) or --minutes M (a time budget that fixes the count), not both")
     d = RunConfig(model=model, preset=preset).to_dict()
     gan_layer = GAN_PRESET_CHANGES.get(preset, {}) if model == "dcgan" else {}
     dataset_layer = DATASET_CHANGES.get(overrides.get("data", {}).get("dataset", d["data"]["dataset"]), {})
@@ -279,14 +297,17 @@ def build_config(preset: str, overrides: dict, model: str = "ddpm") -> RunConfig
     if model == "ddpm" and preset in ATTEND_COARSEST and "attn_resolutions" not in overrides.get("unet", {}):
         coarsest = d["data"]["image_size"] // 2 ** max(0, len(d["unet"]["channel_mults"]) - 1)
         d["unet"]["attn_resolutions"] = (coarsest,) if coarsest >= 1 else ()
-    if model != "ddpm" and "guide_at" not in overrides.get("train", {}):
+    if model != "ddpm" and "guide_at" not in asked:
         d["train"]["guide_at"] = 0.0  # autoguidance is diffusion's (GUIDE_AT)
+    if "steps" in asked:
+        d["train"]["minutes"] = 0.0
     return RunConfig.from_dict(d)
 
 
 # Fields a resumed run may change without mixing two different runs (longer training, other logging cadence, the
-# autoguidance snapshot: none of them changes the trained weights).
-RESUMABLE_FIELDS = {("train", "steps"), ("train", "log_every"), ("train", "sample_every"), ("train", "save_every"),
+# autoguidance snapshot: none of them changes the trained weights). training.py checks what a change of --steps,
+# --minutes or --guide-at means for a run that already fixed its count or kept its snapshot.
+RESUMABLE_FIELDS = {("train", "steps"), ("train", "minutes"), ("train", "log_every"), ("train", "sample_every"), ("train", "save_every"),
                     ("train", "grid_size"), ("train", "grid_steps"), ("train", "grid_eta"), ("train", "grid_sampler"),
                     ("train", "compile"), ("train", "guide_at"),
                     ("data", "data_dir")}

@@ -10,8 +10,17 @@ and show the U-Net the matching fractional t (its sinusoidal time embedding take
 `timestep(σ)` convert; `denoise(model_fn, x, t)` is the one place a network output (ε, x0 or v) becomes an x0
 prediction, and `Denoiser` is what every sampler is given.
 
-Shapes: x0, x_t, noise [B, C, H, W]; t [B] long, each image its own timestep in 0 … T−1. The model output is
-[B, C, H, W], or [B, 2C, H, W] with a learned variance (second half: interpolation weight v ∈ [−1, 1]).
+EDM's formulation (Karras et al. 2022) fits this discrete VP schedule as two options. `objective="edm"` is their
+preconditioning: the network sees c_in·x̃ (x̃ = x_t/α, unit variance for data of std σ_data at every σ) and
+predicts F with x0 = c_skip·x̃ + c_out·F, so its target (x0 − c_skip·x̃)/c_out also has unit variance, and the
+plain MSE on F is their loss weight λ(σ) = 1/c_out². `train_levels="lognormal"` draws each image's training noise
+level from ln σ ~ N(P_mean, P_std²) (clamped to the schedule's [σ(0), σ(T−1)]) instead of a uniform whole t, and
+shows the U-Net the matching fractional t, as the samplers do. (With σ_data = 1, EDM's preconditioning is exactly
+v-prediction with F = −v.)
+
+Shapes: x0, x_t, noise [B, C, H, W]; t [B], each image its own timestep: long 0 … T−1, or float (fractional) with
+lognormal training levels. The model output is [B, C, H, W], or [B, 2C, H, W] with a learned variance (second
+half: interpolation weight v ∈ [−1, 1]).
 """
 import math
 
@@ -21,14 +30,17 @@ import torch
 from .schedules import get_betas
 
 LOG2 = math.log(2.0)
+OBJECTIVES = ("eps", "x0", "v", "edm")
+TRAIN_LEVELS = ("uniform", "lognormal")
+EDM_LEVELS = ("lognormal", -1.2, 1.2)  # (kind, P_mean, P_std): EDM's training distribution of ln σ for CIFAR-10
 
 
 class GaussianDiffusion:
     def __init__(self, betas: np.ndarray, objective: str = "eps", learn_sigma: bool = False, vlb_weight: float = 1e-3,
-                 min_snr_gamma: float = 0.0):
-        assert objective in ("eps", "x0", "v"), objective
+                 min_snr_gamma: float = 0.0, sigma_data: float = 0.5, levels=("uniform", *EDM_LEVELS[1:])):
+        assert objective in OBJECTIVES and levels[0] in TRAIN_LEVELS, (objective, levels)
         self.objective, self.learn_sigma, self.vlb_weight = objective, learn_sigma, vlb_weight
-        self.min_snr_gamma = min_snr_gamma
+        self.min_snr_gamma, self.sigma_data, self.levels = min_snr_gamma, sigma_data, tuple(levels)
         betas = np.asarray(betas, dtype=np.float64)
         self.num_timesteps = T = len(betas)
         alphas = 1.0 - betas
@@ -48,6 +60,7 @@ class GaussianDiffusion:
             log_betas=np.log(betas),
             snr=ab / (1.0 - ab),
             log_sigma=0.5 * (np.log1p(-ab) - np.log(ab)),  # log σ(t) at t = 0 … T−1, increasing in t
+            sigma=np.sqrt((1.0 - ab) / ab),
         )
         # float64 master copies (exact, for tests and the schedule) and float32 copies per device for the maths.
         self.np = arrays
@@ -56,7 +69,7 @@ class GaussianDiffusion:
     @classmethod
     def from_config(cls, dcfg):
         return cls(get_betas(dcfg.schedule, dcfg.timesteps), dcfg.objective, dcfg.learn_sigma, dcfg.vlb_weight,
-                   dcfg.min_snr_gamma)
+                   dcfg.min_snr_gamma, dcfg.sigma_data, (dcfg.train_levels, dcfg.p_mean, dcfg.p_std))
 
     def _get(self, name, t, x):
         """Schedule value `name` at timesteps t [B], shaped [B, 1, 1, 1] to broadcast against x."""
@@ -65,9 +78,36 @@ class GaussianDiffusion:
             self._buffers[key] = torch.tensor(self.np[name], dtype=torch.float32, device=x.device)
         return self._buffers[key][t].view(-1, *([1] * (x.dim() - 1)))
 
+    def _sigma_at(self, t, x):
+        """σ(t) [B, 1, 1, 1] float32 at whole (long) or fractional (float) timesteps t [B], as `sigma` interpolates."""
+        if not t.is_floating_point():
+            return self._get("sigma", t, x)
+        log_sigma = self._get("log_sigma", torch.arange(self.num_timesteps, device=x.device), x).flatten()
+        i = t.floor().long().clamp(0, max(0, self.num_timesteps - 2))
+        frac = (t - i).float().view(-1, *([1] * (x.dim() - 1)))
+        upper = (i + 1).clamp(max=self.num_timesteps - 1)
+        return torch.exp(torch.lerp(log_sigma[i].view_as(frac), log_sigma[upper].view_as(frac), frac))
+
+    def _edm(self, sigma):
+        """EDM's (c_in, c_skip, c_out) at VE noise level σ (a tensor or a float): unit-variance input and target."""
+        sd2 = self.sigma_data ** 2
+        total = sigma * sigma + sd2
+        return total ** -0.5, sd2 / total, sigma * self.sigma_data * total ** -0.5
+
+    def network(self, model_fn, x_t, t):
+        """model_fn's output at x_t [B, C, H, W] and timesteps t [B]; under EDM's preconditioning the network sees
+        c_in·x̃ = c_in·x_t/α instead of x_t."""
+        if self.objective != "edm":
+            return model_fn(x_t, t)
+        sigma = self._sigma_at(t, x_t)
+        return model_fn(x_t * (self._edm(sigma)[0] * torch.sqrt(1.0 + sigma * sigma)), t)
+
     # --- forward process and parameterisations --------------------------------------------------------------
     def q_sample(self, x0, t, noise):
-        """x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε."""
+        """x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε (fractional t: with the interpolated σ(t), α = 1/√(1 + σ²))."""
+        if t.is_floating_point():
+            sigma = self._sigma_at(t, x0)
+            return (x0 + sigma * noise) * torch.rsqrt(1.0 + sigma * sigma)
         return self._get("sqrt_ab", t, x0) * x0 + self._get("sqrt_1m_ab", t, x0) * noise
 
     def x0_from_eps(self, x_t, t, eps):
@@ -104,15 +144,20 @@ class GaussianDiffusion:
 
         The output is converted with the continuous (α, σ_vp) of σ(t), so fractional t works for ε, x0 and v models
         alike; a whole t is given to the network as a long tensor, as in training. A learned variance is ignored."""
-        alpha, sigma_vp = vp_coefficients(float(self.sigma(t)))
+        sigma = float(self.sigma(t))
+        alpha, sigma_vp = vp_coefficients(sigma)
         tt = torch.full((x.shape[0],), t, device=x.device,
                         dtype=torch.long if float(t).is_integer() else torch.float32)
-        out, _ = self.split_output(model_fn(x, tt), x)
+        c_in, c_skip, c_out = self._edm(sigma)
+        x_in = x * (c_in / alpha) if self.objective == "edm" else x
+        out, _ = self.split_output(model_fn(x_in, tt), x)
         out = out.to(x.dtype)  # float32 from a bf16 autocast pass; float64 stays float64 (the analytic tests)
         if self.objective == "eps":
             x0 = (x - sigma_vp * out) / alpha
         elif self.objective == "v":
             x0 = alpha * x - sigma_vp * out
+        elif self.objective == "edm":
+            x0 = c_skip * (x / alpha) + c_out * out
         else:
             x0 = out
         return x0.clamp(-1.0, 1.0) if clip_x0 else x0
@@ -130,8 +175,12 @@ class GaussianDiffusion:
             x0 = self.x0_from_eps(x_t, t, mean_out)
         elif self.objective == "x0":
             x0 = mean_out
-        else:
+        elif self.objective == "v":
             x0 = self.x0_from_v(x_t, t, mean_out)
+        else:
+            sigma = self._sigma_at(t, x_t)
+            _, c_skip, c_out = self._edm(sigma)
+            x0 = c_skip * x_t * torch.sqrt(1.0 + sigma * sigma) + c_out * mean_out
         if clip_x0:
             x0 = x0.clamp(-1.0, 1.0)
         # ε recomputed from the (possibly clipped) x0 keeps DDIM consistent with the clipping.
@@ -157,16 +206,41 @@ class GaussianDiffusion:
 
     # --- training ---------------------------------------------------------------------------------------------
     def sample_timesteps(self, batch, device, generator=None):
-        """One uniformly drawn timestep per image (never one t for the whole batch)."""
-        return torch.randint(0, self.num_timesteps, (batch,), device=device, generator=generator)
+        """One timestep per image (never one t for the whole batch): uniform whole t [B] long, or with lognormal
+        levels ln σ ~ N(P_mean, P_std²) clamped to [σ(0), σ(T−1)], as fractional t [B] float."""
+        kind, p_mean, p_std = self.levels
+        if kind == "uniform":
+            return torch.randint(0, self.num_timesteps, (batch,), device=device, generator=generator)
+        log_sigma = p_mean + p_std * torch.randn(batch, device=device, generator=generator)
+        table = torch.tensor(self.np["log_sigma"], dtype=torch.float32, device=device)
+        log_sigma = log_sigma.clamp(table[0], table[-1])
+        i = (torch.searchsorted(table, log_sigma) - 1).clamp(0, max(0, self.num_timesteps - 2))
+        upper = (i + 1).clamp(max=self.num_timesteps - 1)
+        step = (table[upper] - table[i]).clamp(min=torch.finfo(table.dtype).tiny)
+        return (i + ((log_sigma - table[i]) / step).clamp(0.0, 1.0)).float()
 
     def loss_weight(self, t, x):
         """Min-SNR-γ weights [B, 1, 1, 1] (Hang et al. 2023, eq. 9 and appendix): in x0 terms every timestep counts
         with weight min(SNR_t, γ); ε and v targets already carry SNR_t and SNR_t + 1 of that, so they are divided
-        out. Low-noise steps (huge SNR), which plain ε-MSE over-weights in x0 terms, stop dominating the gradient."""
-        snr = self._get("snr", t, x)
+        out. Low-noise steps (huge SNR), which plain ε-MSE over-weights in x0 terms, stop dominating the gradient.
+        (EDM's F target carries its own weight, λ(σ)·c_out² = 1.)"""
+        snr = self._get("snr", t, x) if not t.is_floating_point() else self._sigma_at(t, x) ** -2
         capped = snr.clamp(max=self.min_snr_gamma)
-        return {"eps": capped / snr, "x0": capped, "v": capped / (snr + 1.0)}[self.objective]
+        return {"eps": capped / snr, "x0": capped, "v": capped / (snr + 1.0), "edm": 1.0}[self.objective]
+
+    def target(self, x0, t, noise, x_t):
+        """What the network is trained to output at x_t: ε, x0, v = α·ε − σ_vp·x0, or EDM's (x0 − c_skip·x̃)/c_out."""
+        if self.objective == "eps":
+            return noise
+        if self.objective == "x0":
+            return x0
+        if not t.is_floating_point() and self.objective == "v":
+            return self.v_from(x0, t, noise)
+        sigma = self._sigma_at(t, x0)
+        if self.objective == "v":
+            return (noise - sigma * x0) * torch.rsqrt(1.0 + sigma * sigma)
+        _, c_skip, c_out = self._edm(sigma)
+        return (x0 - c_skip * x_t * torch.sqrt(1.0 + sigma * sigma)) / c_out
 
     def training_losses(self, model_fn, x0, t, noise):
         """Per-image losses [B]: L_simple (MSE on the objective's target; min-SNR-γ weighted when γ > 0), plus
@@ -176,10 +250,9 @@ class GaussianDiffusion:
         variance. L_vlb = Σ_t L_t = T·E_t[L_t]; λ·L_vlb is therefore λ·T·L_t per sampled t (as improved-diffusion).
         """
         x_t = self.q_sample(x0, t, noise)
-        out = model_fn(x_t, t)
+        out = self.network(model_fn, x_t, t)
         mean_out, var_out = self.split_output(out, x_t)
-        target = {"eps": noise, "x0": x0, "v": self.v_from(x0, t, noise)}[self.objective]
-        sq = (mean_out.float() - target).pow(2)
+        sq = (mean_out.float() - self.target(x0, t, noise, x_t)).pow(2)
         dims = tuple(range(1, x0.dim()))
         mse = sq.mean(dim=dims)
         terms = dict(mse=mse, loss=(sq * self.loss_weight(t, x0)).mean(dim=dims) if self.min_snr_gamma > 0 else mse)
@@ -218,7 +291,7 @@ class GaussianDiffusion:
             noise = torch.randn(x0.shape, generator=generator,
                                 device=generator.device if generator is not None else x0.device).to(x0.device)
             x_t = self.q_sample(x0, t, noise)
-            total = total + self.vlb_term(model_fn(x_t, t).float(), x0, x_t, t)
+            total = total + self.vlb_term(self.network(model_fn, x_t, t).float(), x0, x_t, t)
         return total
 
 
@@ -253,7 +326,8 @@ class Denoiser:
         """(mean, log variance) of p(x_{t−1} | x_t) at whole timestep t (DDPM's ancestral step): the posterior of
         the (clipped) x0 prediction, with the model's learned variance when it has one."""
         tt = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
-        p = self.diffusion.p_mean_variance(self.model_fn(x, tt).float(), x, tt, self.clip_x0)
+        out = self.diffusion.network(self.model_fn, x, tt).float()
+        p = self.diffusion.p_mean_variance(out, x, tt, self.clip_x0)
         return p["mean"], p["log_var"]
 
 

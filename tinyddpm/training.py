@@ -7,9 +7,12 @@ DistributedDataParallel averages the gradients and only rank 0 writes files.
 """
 import math
 import time
+from copy import deepcopy
+from dataclasses import dataclass, replace
 
 import torch
 
+from . import budget
 from . import data as data_mod
 from . import distributed as dist
 from .devices import autocast
@@ -46,13 +49,13 @@ def grid_sampler(cfg):
 
 
 @torch.no_grad()
-def save_grid(ema_model, diffusion, cfg, label_info, device, path):
-    """An EMA sample grid with fixed seeds (the same images at every step, so progress is visible)."""
+def grid_images(ema_model, diffusion, cfg, label_info, device):
+    """uint8 [grid_size, S, S, 3]: EMA samples with fixed seeds (the same images at every step, so progress is
+    visible)."""
     t = cfg.train
     cond = grid_condition(label_info, t.grid_size, device)
     noise = ImageNoise(range(t.grid_size), (3, cfg.data.image_size, cfg.data.image_size), device)
-    x = sample(diffusion, classifier_free(ema_model, cond), grid_sampler(cfg), noise)
-    save_png(make_grid(to_pixels(x)), path)
+    return to_pixels(sample(diffusion, classifier_free(ema_model, cond), grid_sampler(cfg), noise))
 
 
 def batch_randomness(diffusion, cfg, gen, global_b, device):
@@ -69,25 +72,131 @@ def batch_randomness(diffusion, cfg, gen, global_b, device):
     return flip, t, noise, drop
 
 
+# --- one step -----------------------------------------------------------------------------------------------
+@dataclass
+class Nets:
+    """What a diffusion step updates: the network (DDP-wrapped under torchrun as `ddp`), its EMA copy, the
+    autoguidance snapshot and the optimizer."""
+    model: torch.nn.Module
+    ddp: torch.nn.Module
+    ema: EMA
+    guide: Snapshot
+    opt: torch.optim.Optimizer
+
+
+def make_nets(cfg, model, device):
+    """EMA, an empty snapshot and AdamW (fused on CUDA, foreach on the CPU) around `model`."""
+    tcfg = cfg.train
+    fused = dict(fused=True) if device.type == "cuda" else dict(foreach=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay, **fused)
+    return Nets(model, dist.wrap(model, device), EMA(model, tcfg.ema_decay, tcfg.ema_warmup), Snapshot(), opt)
+
+
+def make_step(cfg, nets, diffusion, data, device):
+    """The training step: step_fn(idx [b] indices into the data, gen) → (loss [], gradient norm []) after forward
+    and backward of this process's shard of a global batch (the optimizer step is the caller's, so a NaN/Inf step
+    can be skipped). DDP averages the gradients during backward."""
+    tcfg, world, rank = cfg.train, dist.world_size(), dist.rank()
+    local = tcfg.batch_size // world
+    shard = slice(rank * local, (rank + 1) * local)  # this process's part of every global batch
+
+    def model_step(x, t, noise, cond, drop):
+        with autocast(device):
+            terms = diffusion.training_losses(lambda xt, tt: nets.ddp(xt, tt, cond, drop), x, t, noise)
+        loss = terms["loss"].mean()
+        nets.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        params = nets.model.parameters()
+        if tcfg.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        return loss.detach(), grad_norm.detach()
+
+    compiled = torch.compile(model_step) if tcfg.compile else model_step
+
+    def step_fn(idx, gen):
+        x = data_mod.to_float(data.images[idx])
+        flip, t, noise, drop = (None if r is None else r[shard]
+                                for r in batch_randomness(diffusion, cfg, gen, tcfg.batch_size, device))
+        if flip is not None:
+            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+        return compiled(x, t, noise, None if data.labels is None else data.labels[idx], drop)
+
+    return step_fn
+
+
+# --- the time budget -----------------------------------------------------------------------------------------
+def budget_steps(run, nets, diffusion, clock):
+    """The step count that fills cfg.train.minutes (tinyddpm/budget.py), timed on copies of the networks; under
+    torchrun the slowest process decides."""
+    cfg, device = run.cfg, run.device
+    with budget.untouched_random_state(device):
+        copy = make_nets(cfg, deepcopy(nets.model), device)
+        step_fn, gen = make_step(cfg, copy, diffusion, run.data, device), torch.Generator(device).manual_seed(0)
+        n = run.data.images.shape[0]
+
+        def one_step():
+            step_fn(torch.randint(0, n, (cfg.train.batch_size,), generator=gen, device=device), gen)
+            copy.opt.step()
+            copy.ema.update(copy.model, 0)
+
+        seconds = budget.seconds_per_call(one_step, sync=budget.sync_for(device))
+        grid = budget.seconds_per_call(lambda: grid_images(copy.ema.model, diffusion, cfg, run.data.label_info,
+                                                          device), calls=1, skip=0, sync=budget.sync_for(device))
+    seconds = dist.all_reduce_(torch.tensor([seconds], device=device), "max").item()
+    grid = grid if dist.is_main() else 0.0  # only the main process makes grids
+    steps = budget.steps_for(cfg.train.minutes, clock.elapsed(), seconds, grid, cfg.train.sample_every)
+    steps = int(dist.all_reduce_(torch.tensor([steps], device=device), "min").item())
+    run.log(f"time budget: {cfg.train.minutes:g} min → {steps} steps ({seconds:.3f} s a step over "
+            f"{budget.PROBE_STEPS} timed steps, a grid every {cfg.train.sample_every} steps {grid:.1f} s, "
+            f"{clock.elapsed():.0f} s spent before the first step); stored in the run: a resume finishes them")
+    return steps
+
+
+def fix_length(run, nets, diffusion, clock):
+    """The run's total step count: --steps, the count a budgeted run fixed when it started (read back from its
+    checkpoint), or a new budget's. Refuses a resume that would change what the run already fixed."""
+    tcfg, before = run.cfg.train, run.previous_config()
+    if before is not None:
+        check_resume(before.train, tcfg, run.previous_snapshot_step())
+        if tcfg.minutes > 0:
+            return before.train.steps
+    return budget_steps(run, nets, diffusion, clock) if tcfg.minutes > 0 else tcfg.steps
+
+
+def check_resume(before, now, snapshot_step):
+    """A resumed run keeps what it fixed: its budget's count (same --minutes, or --steps to train to another
+    count) and its autoguidance snapshot (same --guide-at once taken)."""
+    if now.minutes > 0 and now.minutes != before.minutes:
+        what = f"--minutes {before.minutes:g}" if before.minutes else f"--steps {before.steps}"
+        raise UserError(f"this run was started with {what} ({before.steps} steps); resume with the same flag, or "
+                        f"with --steps N to train to N steps")
+    if snapshot_step is not None and now.guide_at != before.guide_at:
+        raise UserError(f"this run kept its autoguidance snapshot at step {snapshot_step} (--guide-at "
+                        f"{before.guide_at:g}); resume with --guide-at {before.guide_at:g} (sample.py --autoguidance "
+                        "1 samples without it)")
+
+
 # --- the loop ----------------------------------------------------------------------------------------------------
 def train(cfg, out, device, log=say, skip_nonfinite=False):
     """Train (or resume) the diffusion run described by `cfg` in folder `out` on `device`.
 
     Returns the runs.Run; its `stopped_by` is the name of the signal that stopped training early, or None.
     """
+    clock = budget.Clock()
     run = Run(cfg, out, "ddpm", device, log, skip_nonfinite)  # every check; nothing is created yet
     grid_sampler(cfg)
-    world, rank, tcfg = dist.world_size(), dist.rank(), cfg.train
+    tcfg = cfg.train
     torch.manual_seed(tcfg.seed)
     data = run.load_data()
     model = build_unet(cfg, data.label_info).to(device)
-    torch.manual_seed(tcfg.seed + rank)  # dropout: each process its own masks (the weights above are identical)
-    diffusion = build_diffusion(cfg)
-    ema, guide = EMA(model, tcfg.ema_decay, tcfg.ema_warmup), Snapshot()
-    fused = dict(fused=True) if device.type == "cuda" else dict(foreach=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay, **fused)
-    with run.begin(dict(model=model, ema=ema, guide=guide), dict(opt=opt)) as step, StopSignals() as signals:
-        _loop(run, step, signals, model, ema, guide, opt, diffusion, data, log)
+    torch.manual_seed(tcfg.seed + dist.rank())  # dropout: each process its own masks (the weights are identical)
+    diffusion, nets = build_diffusion(cfg), make_nets(cfg, model, device)
+    run.cfg = replace(cfg, train=replace(tcfg, steps=fix_length(run, nets, diffusion, clock)))
+    models = dict(model=nets.model, ema=nets.ema, guide=nets.guide)
+    with run.begin(models, dict(opt=nets.opt)) as step, StopSignals() as signals:
+        _loop(run, step, signals, nets, diffusion)
     return run
 
 
@@ -96,60 +205,38 @@ def guide_step(tcfg):
     return max(1, round(tcfg.guide_at * tcfg.steps)) if tcfg.guide_at > 0 else None
 
 
-def _loop(run, step, signals, model, ema, guide, opt, diffusion, data, log):
-    cfg, device, tcfg, guard = run.cfg, run.device, run.cfg.train, run.guard
-    keep_at = guide_step(tcfg)
-    world, rank, skip_nonfinite = dist.world_size(), dist.rank(), guard.skip
-    nparams = sum(p.numel() for p in model.parameters())
+def _loop(run, step, signals, nets, diffusion):
+    cfg, device, tcfg, guard, data, log = run.cfg, run.device, run.cfg.train, run.guard, run.data, run.log
+    keep_at, world, skip_nonfinite = guide_step(tcfg), dist.world_size(), guard.skip
+    if step and nets.guide.taken and nets.guide.state["step"] != keep_at:
+        log(f"note: the autoguidance snapshot is the EMA of step {nets.guide.state['step']}, "
+            f"{nets.guide.state['step'] / tcfg.steps:.2g} of the {tcfg.steps} steps now asked for (--guide-at "
+            f"{tcfg.guide_at:g} would take it at step {keep_at}): sampling pushes away from that younger model")
+    nparams = sum(p.numel() for p in nets.model.parameters())
     procs = f" × {world} processes" if world > 1 else ""
     log(f"training {cfg.preset} U-Net ({nparams / 1e6:.2f} M parameters) on {data.images.shape[0]} images "
         f"of {cfg.data.image_size}px, {device.type}{procs}, batch {tcfg.batch_size}, {tcfg.steps} steps → {run.out}")
-    ddp_model = dist.wrap(model, device)  # the same module in one process
-
-    def model_step(x, t, noise, cond, drop):
-        """Forward and backward: (loss [], gradient norm []); DDP averages the gradients during backward."""
-        with autocast(device):
-            terms = diffusion.training_losses(lambda xt, tt: ddp_model(xt, tt, cond, drop), x, t, noise)
-        loss = terms["loss"].mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if tcfg.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-        else:
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-        return loss.detach(), grad_norm.detach()
-
-    step_fn = torch.compile(model_step) if tcfg.compile else model_step
-    model.train()
-    local = tcfg.batch_size // world
-    shard = slice(rank * local, (rank + 1) * local)  # this process's part of every global batch
+    step_fn = make_step(cfg, nets, diffusion, data, device)
+    nets.model.train()
     loss_sum = torch.zeros((), device=device)  # accumulated on the device: no host sync until a report
     t0, n_since, n_updates = time.perf_counter(), 0, 0
-    images, labels, gen = data.images, data.labels, run.gen
     while step < tcfg.steps:
-        idx = run.sampler.next().to(device)
-        x = data_mod.to_float(images[idx])
-        flip, t, noise, drop = (None if r is None else r[shard]
-                                for r in batch_randomness(diffusion, cfg, gen, tcfg.batch_size, device))
-        if flip is not None:
-            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-        cond = None if labels is None else labels[idx]
-        for group in opt.param_groups:
+        for group in nets.opt.param_groups:
             group["lr"] = lr_at(step, tcfg)
-        loss, grad_norm = step_fn(x, t, noise, cond, drop)
+        loss, grad_norm = step_fn(run.batches.next().to(device), run.gen)
         if not skip_nonfinite:
             guard.record(step + 1, loss, grad_norm)
         if not skip_nonfinite or guard.step_ok(loss, grad_norm):
-            opt.step()
-            ema.update(model, step)
+            nets.opt.step()
+            nets.ema.update(nets.model, step)
             loss_sum += loss
             n_updates += 1
         step += 1
         n_since += 1
-        if step == keep_at and not guide.taken:
-            # Only at this step: a run resumed past it without one (an older checkpoint, a changed --guide-at)
-            # gets no snapshot rather than one of another age.
-            guide.take(ema, step)
+        if step == keep_at and not nets.guide.taken:
+            # Only at this step: a run resumed past it without one (an older checkpoint) gets no snapshot rather
+            # than one of another age.
+            nets.guide.take(nets.ema, step)
             log(f"kept the EMA weights of step {step} as the autoguidance model")
 
         report, grid, save, stop = run.due(step, signals)
@@ -165,7 +252,8 @@ def _loop(run, step, signals, model, ema, guide, opt, diffusion, data, log):
             loss_sum.zero_()
             t0, n_since, n_updates = time.perf_counter(), 0, 0
         if grid and dist.is_main():
-            save_grid(ema.model, diffusion, cfg, data.label_info, device, run.folder.grid_path(step))
+            save_png(make_grid(grid_images(nets.ema.model, diffusion, cfg, data.label_info, device)),
+                     run.folder.grid_path(step))
         if save:
             run.save(step)
         if stop:
