@@ -230,7 +230,8 @@ def default_preset(device_type):
 
 
 def add_config_flags(parser: argparse.ArgumentParser, sections=SECTIONS):
-    """One flag per config field, all defaulting to None so we can tell what the user set."""
+    """One flag per config field, all defaulting to None so we can tell what the user set. Choices are shown in the
+    help but checked by `validate` (check_values), so a wrong one is one line like every other bad value."""
     for name in sections:
         cls = type(getattr(RunConfig(), name))
         group = parser.add_argument_group(name)
@@ -245,7 +246,7 @@ def add_config_flags(parser: argparse.ArgumentParser, sections=SECTIONS):
                 else:
                     kw["type"] = type(f.default)
                 if "choices" in f.metadata:
-                    kw["choices"] = f.metadata["choices"]
+                    kw["metavar"] = "{" + ",".join(f.metadata["choices"]) + "}"
             group.add_argument(flag_name(f), **kw)
 
 

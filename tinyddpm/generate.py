@@ -16,7 +16,7 @@ from .checks import check_values
 from .constants import MAX_BATCH, MAX_SEED
 from .cpu import follow_free_cores
 from .devices import autocast
-from .ema import Snapshot
+from .ema import check_snapshot
 from .errors import UserError
 from .guidance import autoguided, classifier_free
 from .imageio import to_pixels
@@ -83,13 +83,14 @@ class LoadedModel:
             _finite_weights(state, "EMA" if use_ema else "raw", ckpt_path)
             if self.kind == "ddpm":
                 self.net, self.diffusion = build_unet(self.cfg, self.labels), build_diffusion(self.cfg)
-                snapshot = Snapshot()
-                snapshot.load_state_dict(ckpt["models"].get("guide"))
-                if snapshot.taken:
-                    _finite_weights(snapshot.state["weights"], "autoguidance snapshot", ckpt_path)
+                snapshot = ckpt["models"].get("guide")
+                try:
+                    self.guide_step = check_snapshot(snapshot, self.net)  # names, shapes, finite values, step ≥ 1
+                except ValueError as e:
+                    raise UserError(f"{ckpt_path}: {e}; the file is damaged or was edited") from None
+                if self.guide_step is not None:
                     self.guide_net = build_unet(self.cfg, self.labels)
-                    self.guide_net.load_state_dict(snapshot.state["weights"])
-                    self.guide_step = int(snapshot.state["step"])
+                    self.guide_net.load_state_dict(snapshot["weights"])
                     self.guide_net.to(device).eval()
             else:
                 self.net, _ = build_gan(self.cfg, self.labels)

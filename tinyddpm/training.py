@@ -190,9 +190,11 @@ def train(cfg, out, device, log=say, skip_nonfinite=False):
     tcfg = cfg.train
     torch.manual_seed(tcfg.seed)
     data = run.load_data()
-    model = build_unet(cfg, data.label_info).to(device)
+    with run.memory_guard():
+        model = build_unet(cfg, data.label_info).to(device)
     torch.manual_seed(tcfg.seed + dist.rank())  # dropout: each process its own masks (the weights are identical)
-    diffusion, nets = build_diffusion(cfg), make_nets(cfg, model, device)
+    with run.memory_guard():  # too big to build: one line naming the sizes to lower
+        diffusion, nets = build_diffusion(cfg), make_nets(cfg, model, device)
     run.cfg = replace(cfg, train=replace(tcfg, steps=fix_length(run, nets, diffusion, clock)))
     models = dict(model=nets.model, ema=nets.ema, guide=nets.guide)
     with run.begin(models, dict(opt=nets.opt)) as step, StopSignals() as signals:
