@@ -136,3 +136,14 @@ def test_a_snapshot_once_taken_keeps_its_guide_at(tmp_path, capsys, one_thread):
 def test_guide_at_1_is_refused(tmp_path, capsys):
     code, _, err = run_script(train, flags(tmp_path, tmp_path / "x", "--steps", "2", "--guide-at", "1"), capsys)
     assert_user_error(code, err, "--guide-at", "less than 1")
+
+
+def test_a_dcgan_run_keeps_a_budget_too(tmp_path, capsys, fixed_timing, one_thread):
+    out = tmp_path / "gan"
+    data = make_image_folder(str(tmp_path / "imgs"))
+    code, _, err = run_script(train, ["--model", "dcgan", "--dataset", "folder", "--data-dir", data, "--image-size",
+                                      "16", "--out", str(out), "--preset", "tiny", "--g-channels", "8",
+                                      "--d-channels", "8", "--batch-size", "4", "--minutes", "0.01", "--device",
+                                      "cpu", *CADENCE], capsys)
+    assert code == 0 and "time budget: 0.01 min → 5 steps" in err, err
+    assert load_checkpoint(out / "ckpt.pt")["run_config"].train.steps == 5

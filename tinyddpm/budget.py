@@ -17,6 +17,9 @@ from contextlib import contextmanager
 
 import torch
 
+from . import distributed as dist
+from .errors import UserError
+
 PROBE_SKIP = 5  # untimed steps first: the first calls build oneDNN / cuDNN kernels and grow the allocator's pool
 PROBE_STEPS = 20  # timed steps
 
@@ -64,3 +67,39 @@ def untouched_random_state(device):
 def sync_for(device):
     """A function that waits for `device`'s queued work (CUDA runs asynchronously), or None on the CPU."""
     return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
+
+
+def fix_length(run, clock, probe):
+    """The run's total step count: --steps, the count a budgeted run fixed when it started (read back from its
+    checkpoint), or a new budget's. probe() → (seconds a step, seconds a grid), timed on copies of the networks;
+    under torchrun the slowest process decides. Refuses a resume that would change what the run already fixed."""
+    tcfg, before = run.cfg.train, run.previous_config()
+    if before is not None:
+        check_resume(before.train, tcfg, run.previous_snapshot_step())
+        if tcfg.minutes > 0:
+            return before.train.steps
+    if tcfg.minutes <= 0:
+        return tcfg.steps
+    with untouched_random_state(run.device):
+        step_s, grid_s = probe()
+    step_s = dist.all_reduce_(torch.tensor([step_s], device=run.device), "max").item()
+    grid_s = grid_s if dist.is_main() else 0.0  # only the main process makes grids
+    steps = steps_for(tcfg.minutes, clock.elapsed(), step_s, grid_s, tcfg.sample_every)
+    steps = int(dist.all_reduce_(torch.tensor([steps], device=run.device), "min").item())
+    run.log(f"time budget: {tcfg.minutes:g} min → {steps} steps ({step_s:.3f} s a step over {PROBE_STEPS} timed "
+            f"steps, a grid every {tcfg.sample_every} steps {grid_s:.1f} s, {clock.elapsed():.0f} s spent before the "
+            "first step); stored in the run: a resume finishes them")
+    return steps
+
+
+def check_resume(before, now, snapshot_step):
+    """A resumed run keeps what it fixed: its budget's count (same --minutes, or --steps to train to another
+    count) and its autoguidance snapshot (same --guide-at once taken)."""
+    if now.minutes > 0 and now.minutes != before.minutes:
+        what = f"--minutes {before.minutes:g}" if before.minutes else f"--steps {before.steps}"
+        raise UserError(f"this run was started with {what} ({before.steps} steps); resume with the same flag, or "
+                        f"with --steps N to train to N steps")
+    if snapshot_step is not None and now.guide_at != before.guide_at:
+        raise UserError(f"this run kept its autoguidance snapshot at step {snapshot_step} (--guide-at "
+                        f"{before.guide_at:g}); resume with --guide-at {before.guide_at:g} (sample.py --autoguidance "
+                        "1 samples without it)")

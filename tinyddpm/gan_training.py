@@ -13,9 +13,12 @@ constant rate is the DCGAN recipe), as are the unet, diffusion and cond_drop set
 DCGAN is refused.
 """
 import time
+from copy import deepcopy
+from dataclasses import replace
 
 import torch
 
+from . import budget
 from . import data as data_mod
 from .config import build_config
 from .dcgan import GAN, gan_train_step, instance_noise_std, make_optimizers, sample_z
@@ -87,8 +90,35 @@ def save_gan_grid(G, cfg, label_info, device, path):
 
 
 # --- the loop ----------------------------------------------------------------------------------------------------
+def budget_probe(run, gan):
+    """probe() for budget.fix_length: seconds per DCGAN step (both networks) and per grid, timed on copies."""
+    cfg, device, data = run.cfg, run.device, run.data
+
+    def probe():
+        G, D = deepcopy(gan.G), deepcopy(gan.D)
+        copy = GAN(G, D, *make_optimizers(G, D, cfg.gan, lr=cfg.train.lr))
+        gen = torch.Generator(device).manual_seed(0)
+
+        def one_step():
+            idx = torch.randint(0, data.images.shape[0], (cfg.train.batch_size,), generator=gen, device=device)
+            cond = None if data.labels is None else data.labels[idx]
+            gan_train_step(copy, data_mod.to_float(data.images[idx]), cond, cfg.gan, 0, cfg.train.steps, gen)
+
+        @torch.no_grad()
+        def grid():
+            calibrate_batchnorm(G, data.labels, device)
+            G(sample_z(cfg.train.grid_size, G.z_dim, device), grid_condition(data.label_info, cfg.train.grid_size,
+                                                                            device))
+
+        sync = budget.sync_for(device)
+        return budget.seconds_per_call(one_step, sync=sync), budget.seconds_per_call(grid, 1, 0, sync)
+
+    return probe
+
+
 def train_gan(cfg, out, device, log=say):
     """Train (or resume) the DCGAN run described by `cfg` in folder `out` on `device`; returns the runs.Run."""
+    clock = budget.Clock()
     run = Run(cfg, out, "dcgan", device, log)  # every check; nothing is created yet
     check_gan_config(cfg)
     tcfg = cfg.train
@@ -99,6 +129,7 @@ def train_gan(cfg, out, device, log=say):
         G, D = G.to(device), D.to(device)
         ema = EMA(G, tcfg.ema_decay, tcfg.ema_warmup)
     gan = GAN(G, D, *make_optimizers(G, D, cfg.gan, lr=tcfg.lr))  # constant rate: no warm-up, no clipping
+    run.cfg = replace(cfg, train=replace(tcfg, steps=budget.fix_length(run, clock, budget_probe(run, gan))))
     models, optimizers = dict(generator=G, discriminator=D, ema=ema), dict(g=gan.opt_g, d=gan.opt_d)
     with run.begin(models, optimizers) as step, StopSignals() as signals:  # a signal: checkpoint, then stop
         _loop(run, step, signals, gan, ema)

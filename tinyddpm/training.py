@@ -127,55 +127,25 @@ def make_step(cfg, nets, diffusion, data, device):
 
 
 # --- the time budget -----------------------------------------------------------------------------------------
-def budget_steps(run, nets, diffusion, clock):
-    """The step count that fills cfg.train.minutes (tinyddpm/budget.py), timed on copies of the networks; under
-    torchrun the slowest process decides."""
-    cfg, device = run.cfg, run.device
-    with budget.untouched_random_state(device):
+def budget_probe(run, nets, diffusion):
+    """probe() for budget.fix_length: seconds per training step and per grid, timed on copies of the networks."""
+    cfg, device, data = run.cfg, run.device, run.data
+
+    def probe():
         copy = make_nets(cfg, deepcopy(nets.model), device)
-        step_fn, gen = make_step(cfg, copy, diffusion, run.data, device), torch.Generator(device).manual_seed(0)
-        n = run.data.images.shape[0]
+        step_fn, gen = make_step(cfg, copy, diffusion, data, device), torch.Generator(device).manual_seed(0)
 
         def one_step():
-            step_fn(torch.randint(0, n, (cfg.train.batch_size,), generator=gen, device=device), gen)
+            step_fn(torch.randint(0, data.images.shape[0], (cfg.train.batch_size,), generator=gen, device=device),
+                    gen)
             copy.opt.step()
             copy.ema.update(copy.model, 0)
 
-        seconds = budget.seconds_per_call(one_step, sync=budget.sync_for(device))
-        grid = budget.seconds_per_call(lambda: grid_images(copy.ema.model, diffusion, cfg, run.data.label_info,
-                                                          device), calls=1, skip=0, sync=budget.sync_for(device))
-    seconds = dist.all_reduce_(torch.tensor([seconds], device=device), "max").item()
-    grid = grid if dist.is_main() else 0.0  # only the main process makes grids
-    steps = budget.steps_for(cfg.train.minutes, clock.elapsed(), seconds, grid, cfg.train.sample_every)
-    steps = int(dist.all_reduce_(torch.tensor([steps], device=device), "min").item())
-    run.log(f"time budget: {cfg.train.minutes:g} min → {steps} steps ({seconds:.3f} s a step over "
-            f"{budget.PROBE_STEPS} timed steps, a grid every {cfg.train.sample_every} steps {grid:.1f} s, "
-            f"{clock.elapsed():.0f} s spent before the first step); stored in the run: a resume finishes them")
-    return steps
+        sync = budget.sync_for(device)
+        grid = lambda: grid_images(copy.ema.model, diffusion, cfg, data.label_info, device)  # noqa: E731
+        return budget.seconds_per_call(one_step, sync=sync), budget.seconds_per_call(grid, 1, 0, sync)
 
-
-def fix_length(run, nets, diffusion, clock):
-    """The run's total step count: --steps, the count a budgeted run fixed when it started (read back from its
-    checkpoint), or a new budget's. Refuses a resume that would change what the run already fixed."""
-    tcfg, before = run.cfg.train, run.previous_config()
-    if before is not None:
-        check_resume(before.train, tcfg, run.previous_snapshot_step())
-        if tcfg.minutes > 0:
-            return before.train.steps
-    return budget_steps(run, nets, diffusion, clock) if tcfg.minutes > 0 else tcfg.steps
-
-
-def check_resume(before, now, snapshot_step):
-    """A resumed run keeps what it fixed: its budget's count (same --minutes, or --steps to train to another
-    count) and its autoguidance snapshot (same --guide-at once taken)."""
-    if now.minutes > 0 and now.minutes != before.minutes:
-        what = f"--minutes {before.minutes:g}" if before.minutes else f"--steps {before.steps}"
-        raise UserError(f"this run was started with {what} ({before.steps} steps); resume with the same flag, or "
-                        f"with --steps N to train to N steps")
-    if snapshot_step is not None and now.guide_at != before.guide_at:
-        raise UserError(f"this run kept its autoguidance snapshot at step {snapshot_step} (--guide-at "
-                        f"{before.guide_at:g}); resume with --guide-at {before.guide_at:g} (sample.py --autoguidance "
-                        "1 samples without it)")
+    return probe
 
 
 # --- the loop ----------------------------------------------------------------------------------------------------
@@ -195,7 +165,8 @@ def train(cfg, out, device, log=say, skip_nonfinite=False):
     torch.manual_seed(tcfg.seed + dist.rank())  # dropout: each process its own masks (the weights are identical)
     with run.memory_guard():  # too big to build: one line naming the sizes to lower
         diffusion, nets = build_diffusion(cfg), make_nets(cfg, model, device)
-    run.cfg = replace(cfg, train=replace(tcfg, steps=fix_length(run, nets, diffusion, clock)))
+    steps = budget.fix_length(run, clock, budget_probe(run, nets, diffusion))
+    run.cfg = replace(cfg, train=replace(tcfg, steps=steps))
     models = dict(model=nets.model, ema=nets.ema, guide=nets.guide)
     with run.begin(models, dict(opt=nets.opt)) as step, StopSignals() as signals:
         _loop(run, step, signals, nets, diffusion)
