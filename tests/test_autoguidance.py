@@ -1,7 +1,6 @@
-"""Autoguidance: the early EMA snapshot train.py keeps (ema.Snapshot), the guided model function
-(samplers.autoguided), sample.py's default and every refusal."""
+"""Autoguidance: the early EMA snapshot train.py keeps (ema.Snapshot), the guided network function
+(guidance.autoguided), sample.py's default and every refusal."""
 import os
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,12 +12,18 @@ import train
 from tests.helpers import MICRO_FLAGS, assert_user_error, make_image_folder, run_script
 from tinyddpm.checkpoint import load_checkpoint
 from tinyddpm.config import GUIDE_AT, build_config
-from tinyddpm.errors import run_cli
+from tinyddpm.errors import UserError, run_cli
 from tinyddpm.files import atomic_torch_save
-from tinyddpm.generate import CLASS_AUTOGUIDANCE, DEFAULT_AUTOGUIDANCE, LoadedModel
-from tinyddpm.samplers import autoguided
+from tinyddpm.generate import CLASS_AUTOGUIDANCE, DEFAULT_AUTOGUIDANCE, LoadedModel, SamplingOptions
+from tinyddpm.guidance import autoguided
+from tinyddpm.samplers import SamplerOptions
 
 CPU = torch.device("cpu")
+
+
+def options(n, steps, **kw):
+    """SamplingOptions for n images (seeds 0 … n−1) with the default sampler at `steps` model calls."""
+    return SamplingOptions(n=n, sampler=SamplerOptions(steps=steps), **kw)
 
 
 def run_flags(tmp_path, out, steps, extra=()):
@@ -59,16 +64,17 @@ def test_the_snapshot_is_the_ema_of_its_step(runs):
     assert any(not torch.equal(a["models"]["ema"][k], v) for k, v in b["models"]["ema"].items())  # 4 steps on
 
 
-def test_model_fn_combines_the_two_networks(runs):
+def test_network_fn_combines_the_two_networks(runs):
     _, long, _ = runs
     gen = LoadedModel(str(long), CPU)
-    assert gen.guide is not None and gen.guide_step == 4 and gen.default_autoguidance() == DEFAULT_AUTOGUIDANCE
+    assert gen.guide_net is not None and gen.guide_step == 4 and gen.default_autoguidance() == DEFAULT_AUTOGUIDANCE
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 60])
     with torch.no_grad():
-        want = gen.guide(x, t) + 3.0 * (gen.model(x, t) - gen.guide(x, t))
-        assert torch.allclose(gen.model_fn(None, 1.0, 3.0)(x, t), want, atol=1e-5)
-        assert torch.equal(gen.model_fn(None, 1.0, 1.0)(x, t), gen.model(x, t))
-    plain, guided_ = gen.images([0, 1], steps=3), gen.images([0, 1], steps=3, autoguidance=DEFAULT_AUTOGUIDANCE)
+        want = gen.guide_net(x, t) + 3.0 * (gen.net(x, t) - gen.guide_net(x, t))
+        assert torch.allclose(gen.network_fn(None, 1.0, 3.0)(x, t), want, atol=1e-5)
+        assert torch.equal(gen.network_fn(None, 1.0, 1.0)(x, t), gen.net(x, t))
+    plain = gen.images(None, options(2, 3))
+    guided_ = gen.images(None, options(2, 3, autoguidance=DEFAULT_AUTOGUIDANCE))
     assert not np.array_equal(plain, guided_)
 
 
@@ -80,27 +86,29 @@ def test_sample_py_autoguides_by_default_and_says_so_in_the_report_settings(runs
     assert code == 0, err
     gen = LoadedModel(str(long), CPU)
     for autoguidance, same in ((DEFAULT_AUTOGUIDANCE, True), (1.0, False)):
-        want = gen.images([0, 1], steps=3, autoguidance=autoguidance)
+        want = gen.images(None, options(2, 3, autoguidance=autoguidance))
         got = np.stack([np.asarray(Image.open(out / f"00000{i}.png")) for i in range(2)])
         assert np.array_equal(got, want) == same, autoguidance
     code, _, err = run_script(sample, ["--ckpt", str(long), "--n", "2", "--steps", "3", "--out", str(tmp / "s-off"),
                                        "--autoguidance", "1", "--device", "cpu"], capsys)
     assert code == 0, err
     got = np.stack([np.asarray(Image.open(tmp / "s-off" / f"00000{i}.png")) for i in range(2)])
-    assert np.array_equal(got, gen.images([0, 1], steps=3))
+    assert np.array_equal(got, gen.images(None, options(2, 3)))
 
 
 def test_a_checkpoint_without_snapshot_samples_plainly_and_refuses_the_flag(runs, capsys):
     tmp, _, short = runs
     gen = LoadedModel(str(short), CPU)
-    assert gen.guide is None and gen.default_autoguidance() == 1.0
+    assert gen.guide_net is None and gen.default_autoguidance() == 1.0
     out = tmp / "s-short"
     code, _, err = run_script(sample, ["--ckpt", str(short), "--n", "1", "--steps", "2", "--out", str(out),
                                        "--autoguidance", "2", "--device", "cpu"], capsys)
     assert_user_error(code, err, "--autoguidance 2", "no", "drop --autoguidance")
     assert not out.exists()
-    with pytest.raises(Exception, match="early snapshot"):
-        gen.images([0], steps=2, autoguidance=2.0)
+    with pytest.raises(UserError, match="early snapshot"):
+        options(1, 2, autoguidance=2.0).check(gen)
+    with pytest.raises(UserError, match="early snapshot"):  # unchecked options are refused all the same
+        gen.images(None, options(1, 2, autoguidance=2.0))
 
 
 @pytest.mark.parametrize("flags, words", [
@@ -123,7 +131,7 @@ def test_an_older_checkpoint_without_the_entry_resumes_and_samples(runs, capsys)
     del ck["models"]["guide"], ck["run_config"]
     ck["config"]["train"].pop("guide_at")      # as an older tinyddpm wrote it
     atomic_torch_save(ck, old_run / "ckpt.pt")
-    assert LoadedModel(str(old_run), CPU).guide is None
+    assert LoadedModel(str(old_run), CPU).guide_net is None
     code, _, err = run_script(train, run_flags(tmp, old_run, 10, ["--guide-at", "0.5"]), capsys)
     assert code == 0 and "resuming" in err, err
     # Resumed past the snapshot's step (5 of 10): no snapshot of another age is made up.
@@ -141,13 +149,51 @@ def test_which_runs_keep_a_snapshot():
     assert build_config("small", {}).train.guide_at == 0.0
 
 
+def seeded_checkpoint(path, kind):
+    """A checkpoint made from seeds (tests/same_images.py's recipe: no training) whose autoguidance snapshot is the
+    same network with other noise, conditioned on nothing, on classes (cat, frog) or on shapes label sets."""
+    from tests.same_images import NOISE_STD, SEEDS, fixed_checkpoint
+    from tinyddpm.checkpoint import save_checkpoint
+    from tinyddpm.models import build_unet
+    from tinyddpm.shapes import VOCAB
+
+    if kind != "multilabel":
+        return fixed_checkpoint(str(path), conditional=kind == "class")
+    cfg = build_config("tiny", {"data": {"dataset": "shapes"}, "cond": {"conditional": True}})
+    labels = {"kind": "multilabel", "names": list(VOCAB)}
+    weights = {}
+    for name, seed in SEEDS.items():
+        torch.manual_seed(seed)
+        g = torch.Generator().manual_seed(seed)
+        weights[name] = {k: (v + NOISE_STD * torch.randn(v.shape, generator=g)) if v.is_floating_point() else v
+                         for k, v in build_unet(cfg, labels).state_dict().items()}
+    save_checkpoint(str(path), dict(kind="ddpm", config=cfg.to_dict(), labels=labels, step=8000,
+                                    models=dict(model=weights["ema"], ema=weights["ema"],
+                                                guide=dict(step=2000, weights=weights["guide"])),
+                                    optimizers={}))
+    return str(path)
+
+
+CONDITION_FLAGS = {"none": [], "class": ["--class", "frog"], "multilabel": ["--labels", "red cube, blue sphere"]}
+
+
 @pytest.mark.parametrize("kind,want", [("none", DEFAULT_AUTOGUIDANCE), ("multilabel", DEFAULT_AUTOGUIDANCE),
                                        ("class", CLASS_AUTOGUIDANCE)])
-def test_the_default_w_depends_on_the_condition(kind, want):
-    """w = 1.5 won on class-conditional cat + frog, w = 2 on cats and shapes (docs/recipe.md, eighth round)."""
-    gen = SimpleNamespace(guide=object(), labels={"kind": kind, "names": []})
-    assert LoadedModel.default_autoguidance(gen) == want
-    assert LoadedModel.default_autoguidance(SimpleNamespace(guide=None, labels=gen.labels)) == 1.0
+def test_the_default_w_depends_on_the_condition(tmp_path, capsys, kind, want):
+    """w = 1.5 won on class-conditional cat + frog, w = 2 on cats and shapes (docs/recipe.md, eighth round): a
+    checkpoint with a snapshot and no --autoguidance samples the images of its kind's w, not of the other's, nor
+    plain ones."""
+    ckpt, out = seeded_checkpoint(tmp_path / "ckpt.pt", kind), tmp_path / "out"
+    flags = ["--n", "2", "--steps", "2", "--device", "cpu", *CONDITION_FLAGS[kind]]
+    code, _, err = run_script(sample, ["--ckpt", ckpt, "--out", str(out), *flags], capsys)
+    assert code == 0, err
+    got = np.stack([np.asarray(Image.open(out / f"00000{i}.png")) for i in range(2)])
+    gen = LoadedModel(ckpt, CPU)
+    cond = gen.condition(CONDITION_FLAGS[kind][1:2] if kind == "class" else None,
+                         CONDITION_FLAGS[kind][1] if kind == "multilabel" else None)
+    for w in (DEFAULT_AUTOGUIDANCE, CLASS_AUTOGUIDANCE, 1.0):
+        same = np.array_equal(got, gen.images(cond, options(2, 2, autoguidance=w)))
+        assert same == (w == want), (kind, w)
 
 
 def test_dcgan_refuses_guide_at(tmp_path, capsys):

@@ -10,9 +10,11 @@ from PIL import Image
 import sample
 import train
 from tests.helpers import MICRO_FLAGS, assert_user_error, make_image_folder, run_script
-from tinyddpm import fusion
-from tinyddpm.generate import LoadedModel
+from tinyddpm import fusion, samplers
+from tinyddpm.fusion import FusionOptions, InterpolationOptions
+from tinyddpm.generate import LoadedModel, SamplingOptions
 from tinyddpm.imageio import to_pixels
+from tinyddpm.samplers import ImageNoise, SamplerOptions
 
 SIZE = 16           # the micro model's resolution
 T = 100             # MICRO_FLAGS --timesteps
@@ -47,9 +49,11 @@ def _inputs(tiny):
     return fusion.load_image(tiny["a"], SIZE), fusion.load_image(tiny["b"], SIZE)
 
 
-def _fuse(tiny, a, b, lams, t_user, noise="shared", seeds=(0, 1), sampler="ddim"):
-    return fusion.fuse(tiny["gen"], a, b, lams, fusion.to_index(t_user, T), list(seeds), noise=noise,
-                       sampler=sampler, steps=5, eta=0.0, cfg_scale=1.0, clip_x0=True)
+def _fuse(tiny, a, b, lams, t_user, noise="shared", seed=0, n=2, sampler="ddim"):
+    """Fusions [n, len(lams), 3, S, S] of seeds seed … seed + n − 1 at paper step t_user (ddim: 5 steps; ddpm takes
+    every step from t_user)."""
+    options = SamplingOptions(n=n, seed=seed, sampler=SamplerOptions(sampler, None if sampler == "ddpm" else 5))
+    return fusion.fuse(tiny["gen"], a, b, FusionOptions(tuple(lams), t_user, noise), options)
 
 
 def test_inputs_are_rgb_square_in_range(tiny):
@@ -67,12 +71,12 @@ def test_tiny_t_fusion_is_the_pixel_mix(tiny, sampler):
     # T = 100 the linear schedule's β₁ is 1e-3, so the bound is 0.032·(max|ε| + max|ε̂|).
     a, b = _inputs(tiny)
     lam, seeds = 0.3, [0, 1]
-    out = _fuse(tiny, a, b, [lam], 1, seeds=seeds, sampler=sampler)[:, 0]
+    out = _fuse(tiny, a, b, [lam], 1, seed=seeds[0], n=len(seeds), sampler=sampler)[:, 0]
     mix = (1 - lam) * a + lam * b
     eps, _ = fusion.forward_noise(seeds, a.shape)
     t0 = torch.zeros(len(seeds), dtype=torch.long)
     x = tiny["gen"].diffusion.q_sample(mix.expand_as(eps), t0, eps)
-    eps_hat = tiny["gen"].model(x, t0)
+    eps_hat = tiny["gen"].net(x, t0)
     scale = tiny["gen"].diffusion.np["sqrt_recipm1_ab"][0]     # √((1 − ᾱ₁)/ᾱ₁)
     bound = scale * (eps.abs().max() + eps_hat.abs().max()) + 1e-5
     assert bound < 0.2 and (out - mix).abs().max() <= bound
@@ -95,9 +99,9 @@ def test_shared_noise_lambda0_depends_only_on_a(tiny):
 def test_seeds_differ_and_do_not_depend_on_batch(tiny):
     a, b = _inputs(tiny)
     gen = tiny["gen"]
-    kw = dict(noise="shared", sampler="ddim", steps=4, eta=1.0, cfg_scale=1.0, clip_x0=True)
-    full = fusion.fuse(gen, a, b, [0.25, 0.75], 40, [3, 4, 5], batch_size=4, **kw)
-    alone = fusion.fuse(gen, a, b, [0.75], 40, [5], batch_size=1, **kw)
+    sampler = SamplerOptions("ddim", 4, eta=1.0)
+    full = fusion.fuse(gen, a, b, FusionOptions((0.25, 0.75), 41), SamplingOptions(3, 3, 4, sampler))  # seeds 3 … 5
+    alone = fusion.fuse(gen, a, b, FusionOptions((0.75,), 41), SamplingOptions(1, 5, 1, sampler))        # seed 5
     assert torch.allclose(full[2, 1], alone[0, 0], atol=1e-6)
     assert not torch.allclose(full[0, 0], full[1, 0])     # --n gives different fusions
 
@@ -117,12 +121,28 @@ def test_inversion_round_trip(tiny):
     # (mean |error| 0.06 and 0.04 in [−1, 1]). Bound: PSNR > 24 dB and mean |error| < 0.1; the inputs themselves are
     # 8 dB apart.
     a, b = _inputs(tiny)
-    frames, latents = fusion.interpolate(tiny["gen"], a, b, 3, steps=T, clip_x0=False)
+    options = SamplingOptions(n=1, sampler=SamplerOptions("ddim", T, clip_x0=False))
+    frames, latents = fusion.interpolate(tiny["gen"], a, b, InterpolationOptions(frames=3), options)
     assert frames.shape == (3, 3, SIZE, SIZE) and latents.shape == (2, 3, SIZE, SIZE)
     assert (frames[0] - a).abs().mean() < 0.1 and (frames[-1] - b).abs().mean() < 0.1
     a8, b8, f8 = to_pixels(a[None])[0], to_pixels(b[None])[0], to_pixels(frames)
     assert fusion.psnr(f8[0], a8) > 24 and fusion.psnr(f8[-1], b8) > 24
     assert fusion.psnr(f8[1], a8) < 15 and fusion.psnr(f8[1], b8) < 15     # the middle frame is neither input
+
+
+def test_interpolation_never_clips(tiny):
+    """The inversion cannot clip and a clipping decoder breaks the round trip, so the frames are the unclipped
+    decoding whether or not the options ask for clipping (sample.py --interpolate with or without --no-clip)."""
+    a, b = _inputs(tiny)
+    gen = tiny["gen"]
+    runs = [fusion.interpolate(gen, a, b, InterpolationOptions(frames=2),
+                               SamplingOptions(n=1, sampler=SamplerOptions("ddim", 10, clip_x0=clip)))
+            for clip in (True, False)]
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    # A clipping decoder would have given other frames from these latents, so the check above can fail.
+    clipped = samplers.sample(gen.diffusion, gen.network_fn(None), SamplerOptions("ddim", 10, clip_x0=True),
+                              ImageNoise([0, 0], a.shape, "cpu"), x_start=runs[0][1])
+    assert not torch.allclose(clipped, runs[0][0], atol=1e-3)
 
 
 def _png(path):
@@ -197,8 +217,8 @@ def test_class_model_needs_class_and_dcgan_is_refused(tiny, other_ckpts, tmp_pat
 @pytest.mark.parametrize("extra, words", [
     (["--fuse", "A", "missing.png"], ["missing.png", "does not exist"]),
     (["--fuse", "A", "BAD"], ["cannot read image"]),
-    (["--fuse", "A", "B", "--lam", "0.5", "1.5"], ["--lam", "[0, 1]"]),
-    (["--fuse", "A", "B", "--lam", "-0.1"], ["--lam", "[0, 1]"]),
+    (["--fuse", "A", "B", "--lam", "0.5", "1.5"], ["--lam", "between 0.0 and 1.0", "1.5"]),
+    (["--fuse", "A", "B", "--lam", "-0.1"], ["--lam", "between 0.0 and 1.0", "-0.1"]),
     (["--fuse", "A", "B", "--lam", "nan"], ["--lam"]),
     (["--fuse", "A", "B", "--t", "0"], ["--t", "1 … 100"]),
     (["--fuse", "A", "B", "--t", "101"], ["--t", "1 … 100"]),
@@ -208,7 +228,9 @@ def test_class_model_needs_class_and_dcgan_is_refused(tiny, other_ckpts, tmp_pat
     (["--interpolate", "A", "B", "--frames", "1"], ["--frames", "between 2"]),
     (["--interpolate", "A", "B", "--frames", "1001"], ["--frames", "and 1000"]),
     (["--interpolate", "A", "B", "--inversion-steps", "0"], ["--inversion-steps"]),
-    (["--interpolate", "A", "B", "--sampler", "ddpm"], ["deterministic"]),
+    # a sampler that takes --steps (FAST's), so that not being DDIM is all that is wrong (ddpm with --steps is
+    # refused for that first: tests/test_sample_hardening.py)
+    (["--interpolate", "A", "B", "--sampler", "heun"], ["deterministic", "--sampler"]),
     (["--interpolate", "A", "B", "--lam", "0.5"], ["--lam", "only apply to --fuse"]),
     (["--interpolate", "A", "B", "--n", "3"], ["--n"]),
     (["--fuse", "A", "B", "--frames", "3"], ["--frames", "only apply to --interpolate"]),

@@ -17,7 +17,8 @@ from tests.helpers import MICRO_FLAGS, assert_user_error, make_image_folder, run
 from tinyddpm import data as data_mod
 from tinyddpm import report, sources
 from tinyddpm.errors import run_cli
-from tinyddpm.generate import CLASS_AUTOGUIDANCE, DEFAULT_AUTOGUIDANCE, DEFAULT_SAMPLER
+from tinyddpm.generate import CLASS_AUTOGUIDANCE, DEFAULT_AUTOGUIDANCE, DEFAULT_N
+from tinyddpm.samplers import DDIM, DEFAULT_SAMPLER, DEFAULT_STEPS
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.load:DeprecationWarning")
 
@@ -141,9 +142,9 @@ def test_class_model_gives_one_row_per_class(ckpts, fake, cifar_root, tmp_path, 
 
     conds, images = [], LoadedModel.images
 
-    def spy(self, seeds, cond=None, *a, **kw):
-        conds.append((list(seeds), cond.tolist(), kw.get("cfg_scale")))
-        return images(self, seeds, cond, *a, **kw)
+    def spy(self, cond, options, callback=None):
+        conds.append((list(options.seeds()), cond.tolist(), options.guidance_scale))
+        return images(self, cond, options, callback)
 
     monkeypatch.setattr(LoadedModel, "images", spy)
     code, out, err = run_script(sample, _report(ckpts["cond"], tmp_path, "--data-dir", cifar_root,
@@ -261,24 +262,60 @@ def test_fid_py_reads_dataset_references(cifar_root, tmp_path, capsys, fake):
     assert_user_error(code, err, "only 5000")
 
 
-@pytest.mark.parametrize("mode, sampler, steps, autoguidance", [
-    (None, "dpmpp-2m-sde", 50, DEFAULT_AUTOGUIDANCE), ("--report", "dpmpp-2m-sde", 50, DEFAULT_AUTOGUIDANCE),
-    ("--fuse", "ddim", 100, 1.0), ("--interpolate", "ddim", 100, 1.0)])
-def test_default_sampler_per_mode(mode, sampler, steps, autoguidance):
+@pytest.fixture(scope="module")
+def seeded_ckpt(tmp_path_factory):
+    """An unconditional checkpoint with an autoguidance snapshot, made from seeds (tests/same_images.py)."""
+    from tests.same_images import fixed_checkpoint
+
+    return fixed_checkpoint(str(tmp_path_factory.mktemp("seeded") / "ckpt.pt"))
+
+
+def _resolved_options(ckpt, mode, extra, tmp_path, capsys, monkeypatch):
+    """The SamplingOptions sample.py resolves for `mode` and the flags `extra`, caught at its check (which then
+    stops the run before anything is made): (options or None, exit code, stderr)."""
+    from tinyddpm.errors import UserError
+    from tinyddpm.generate import SamplingOptions
+
+    seen = []
+
+    def stop(self, loaded):
+        seen.append(self)
+        raise UserError("stopped by the test")
+
+    monkeypatch.setattr(SamplingOptions, "check", stop)
+    modes = {None: [], "--report": ["--report"], "--fuse": ["--fuse", "a.png", "b.png"],
+             "--interpolate": ["--interpolate", "a.png", "b.png"]}
+    code, _, err = run_script(sample, ["--ckpt", ckpt, "--out", str(tmp_path / "o"), "--device", "cpu",
+                                       *modes[mode], *extra], capsys)
+    return (seen[-1] if seen else None), code, err
+
+
+@pytest.mark.parametrize("mode, sampler, steps, autoguidance, n", [
+    (None, DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_AUTOGUIDANCE, DEFAULT_N),
+    ("--report", DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_AUTOGUIDANCE, report.REPORT_N),
+    ("--fuse", DDIM.name, DDIM.steps, 1.0, 1), ("--interpolate", DDIM.name, DDIM.steps, 1.0, 1)])
+def test_default_sampler_per_mode(mode, sampler, steps, autoguidance, n, seeded_ckpt, tmp_path, capsys,
+                                  monkeypatch):
     """Images and the report default to the sampler the FID-vs-calls table chose (docs/samplers.md) and, with a
     checkpoint that has a snapshot, to autoguidance; fusion and interpolation keep deterministic, plain DDIM
     (interpolation must invert exactly). Flags still override."""
-    from types import SimpleNamespace
+    def resolved(*extra):
+        opts, code, err = _resolved_options(seeded_ckpt, mode, extra, tmp_path, capsys, monkeypatch)
+        assert opts is not None and code == 2 and "stopped by the test" in err, err
+        return opts
 
-    args = sample.build_parser().parse_args(["--ckpt", "x"])
-    gen = SimpleNamespace(diffusion=SimpleNamespace(num_timesteps=1000),
-                          default_autoguidance=lambda: DEFAULT_AUTOGUIDANCE, check_autoguidance=lambda w: None)
-    opts = sample.sampling_options(args, gen, mode)
-    assert (opts.sampler, opts.steps, opts.eta, opts.autoguidance) == (sampler, steps, 0.0, autoguidance)
-    args = sample.build_parser().parse_args(["--ckpt", "x", "--autoguidance", "1.5"])
-    assert sample.sampling_options(args, gen, mode).autoguidance == 1.5
-    args = sample.build_parser().parse_args(["--ckpt", "x", "--eta", "1"])  # η is DDIM's: it implies ddim
-    assert sample.sampling_options(args, gen, mode).sampler == "ddim"
-    args = sample.build_parser().parse_args(["--ckpt", "x", "--sampler", "ddim", "--steps", "7"])
-    assert (sample.sampling_options(args, gen, mode).sampler, sample.sampling_options(args, gen, mode).steps) == \
-        ("ddim", 7)
+    opts = resolved()
+    assert (opts.sampler.name, opts.sampler.calls(), opts.sampler.eta, opts.autoguidance, opts.n) == \
+        (sampler, steps, 0.0, autoguidance, n)
+    assert opts.sampler.clip_x0 and opts.guidance_scale == 1.0 and opts.seed == 0
+    assert resolved("--autoguidance", "1.5").autoguidance == 1.5
+    opts = resolved("--sampler", "ddim", "--steps", "7")
+    assert (opts.sampler.name, opts.sampler.steps) == ("ddim", 7)
+    if mode == "--interpolate":  # η is refused there: the round trip needs deterministic DDIM
+        monkeypatch.undo()  # the real check, and the refusal after it
+        code, _, err = run_script(sample, ["--ckpt", seeded_ckpt, "--out", str(tmp_path / "o"), "--device", "cpu",
+                                           "--interpolate", "a.png", "b.png", "--eta", "1"], capsys)
+        assert_user_error(code, err, "deterministic", "--eta")
+    else:  # η is DDIM's: it implies ddim
+        opts = resolved("--eta", "1")
+        assert (opts.sampler.name, opts.sampler.eta) == ("ddim", 1.0)

@@ -1,10 +1,11 @@
 """sample.py under attack, in every mode (default, --fuse, --interpolate, --report with a stand-in Inception,
 --bpd, --eval-labels), and the --device flag of all three scripts.
 
-Each class of case: non-finite, out-of-range and huge values; an output folder that cannot be made (a file in the
-way, a broken or looping symlink, /proc) and one that is a symlink or has a non-UTF-8 name; signals while PNGs are
-written (real subprocesses); output that streams (memory flat in --n); devices torch knows but tinyddpm does not
-run on; one name per concept. A refusal is one line on stderr, exit code 2, no traceback, nothing created.
+Each class of case: non-finite, out-of-range and huge values; weights or samples that are NaN (refused, nothing
+written); no --ckpt (the newest run, or one line); an output folder that cannot be made (a file in the way, a broken
+or looping symlink, /proc) and one that is a symlink or has a non-UTF-8 name; signals while PNGs are written (real
+subprocesses); output that streams (memory flat in --n); devices torch knows but tinyddpm does not run on; 8-bit
+pixels. A refusal is one line on stderr, exit code 2, no traceback, nothing created.
 """
 import os
 import signal
@@ -106,8 +107,15 @@ VALUE_CASES = [
     (["--batch-size", "0"], ["--batch-size", "between 1"], set()),
     (["--churn", "nan"], ["--churn", "finite"], NOT_SAMPLED),
     (["--sampler", "heun", "--churn", "inf"], ["--churn", "finite"], NOT_SAMPLED | {"interpolate"}),
-    (["--sampler", "dpmpp-2m", "--eta", "0.5"], ["η applies only to the ddim sampler"], NOT_SAMPLED | {"interpolate"}),
-    (["--churn", "1"], ["churn applies only to the heun sampler"], NOT_SAMPLED | {"interpolate"}),
+    (["--sampler", "dpmpp-2m", "--eta", "0.5"], ["--eta applies only to the ddim sampler"],
+     NOT_SAMPLED | {"interpolate"}),
+    (["--churn", "1"], ["--churn applies only to the heun sampler"], NOT_SAMPLED | {"interpolate"}),
+    # ddpm takes every timestep: a --steps it would ignore is refused, and the line says what to use instead
+    (["--sampler", "ddpm", "--steps", "10"], ["ddpm", "--steps does not apply", "--sampler ddim --steps 10"],
+     NOT_SAMPLED),
+    # the micro models have T = 100 timesteps: at most 2·T = 200 model calls (Heun's 2n − 1 over every level)
+    (["--steps", "201"], ["--steps 201", "100 timesteps", "at most 200"], NOT_SAMPLED),
+    (["--sampler", "heun", "--steps", str(2**40)], ["--steps", "at most 200"], NOT_SAMPLED | {"interpolate"}),
 ]
 VALUE_MATRIX = [(mode, flags, words) for flags, words, skip in VALUE_CASES for mode in MODES if mode not in skip]
 
@@ -141,13 +149,152 @@ def test_bpd_refuses_sampling_flags_it_would_ignore(w, tmp_path, capsys, flags, 
     ("interpolate", ["--eta", "0.5"], ["deterministic"]),
     ("interpolate", ["--spacing", "karras"], ["deterministic", "--spacing"]),
     ("fuse", ["--t", str(10**30)], ["--t", "1 … 100"]),
-    ("fuse", ["--lam", "inf"], ["--lam", "[0, 1]"]),
+    ("fuse", ["--lam", "inf"], ["--lam", "finite"]),
 ])
 def test_mode_values_huge_and_non_finite(w, tmp_path, capsys, mode, flags, words):
     out = tmp_path / "out"
     code, _, err = run_script(sample, argv_for(w, mode, out, *flags), capsys)
     assert_user_error(code, err, *words)
     assert not out.exists()
+
+
+def test_steps_up_to_twice_the_timesteps_are_sampled(w, tmp_path, capsys):
+    """2·T model calls is the largest --steps, and it is accepted (the refusal above is not off by one)."""
+    code, stdout, err = run_script(sample, argv_for(w, "default", tmp_path / "out", "--steps", "200", "--n", "1",
+                                                    "--sampler", "heun"), capsys)
+    assert code == 0, err
+    assert sorted(os.listdir(tmp_path / "out")) == ["000000.png", "grid.png"]
+
+
+# ------------------------------------------------------------------------------------------------ non-finite
+def _with_nan_weights(src, dst, entry):
+    """A copy of checkpoint `src` with one NaN in its `entry` weights ("ema", "model" or "guide")."""
+    from tinyddpm.checkpoint import load_checkpoint
+    from tinyddpm.files import atomic_torch_save
+
+    ck = load_checkpoint(src)
+    ck.pop("run_config", None)  # added on load; not part of the file
+    state = ck["models"][entry]["weights"] if entry == "guide" else ck["models"][entry]
+    name = next(k for k, v in state.items() if v.is_floating_point())
+    state[name] = state[name].clone()
+    state[name].view(-1)[0] = float("nan")
+    atomic_torch_save(ck, dst)
+    return str(dst)
+
+
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory):
+    """A class-conditional (cat, frog) checkpoint with an autoguidance snapshot, made from seeds, and two inputs."""
+    from tests.same_images import fixed_checkpoint, input_images
+
+    root = tmp_path_factory.mktemp("seeded")
+    a, b = input_images(str(root / "inputs"))
+    return SimpleNamespace(root=root, cond=fixed_checkpoint(str(root / "cond.pt"), conditional=True), a=a, b=b)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_nan_ema_weights_are_refused_on_load(w, tmp_path, capsys, fake_inception, mode):
+    ckpt = _with_nan_weights(getattr(w, MODES[mode][0]), tmp_path / "nan.pt", "ema")
+    argv = argv_for(w, mode, tmp_path / "out")
+    argv[argv.index("--ckpt") + 1] = ckpt
+    code, stdout, err = run_script(sample, argv, capsys)
+    assert_user_error(code, err, "nan.pt", "EMA weights hold NaN or inf")
+    assert not (tmp_path / "out").exists() and stdout == "" and fake_inception.seen == 0
+
+
+def test_nan_weights_refused_only_where_they_are_used(w, seeded, tmp_path, capsys):
+    """NaN in the EMA weights: --raw (the raw weights) still samples. NaN in the autoguidance snapshot: refused."""
+    ckpt = _with_nan_weights(w.plain, tmp_path / "nan-ema.pt", "ema")
+    code, _, err = run_script(sample, ["--ckpt", ckpt, "--raw", "--n", "1", "--steps", "1", "--out",
+                                       str(tmp_path / "raw"), "--device", "cpu"], capsys)
+    assert code == 0, err
+    raw = _with_nan_weights(w.plain, tmp_path / "nan-raw.pt", "model")
+    code, _, err = run_script(sample, ["--ckpt", raw, "--raw", "--n", "1", "--out", str(tmp_path / "o"),
+                                       "--device", "cpu"], capsys)
+    assert_user_error(code, err, "raw weights hold NaN")
+    guide = _with_nan_weights(seeded.cond, tmp_path / "nan-guide.pt", "guide")
+    code, _, err = run_script(sample, ["--ckpt", guide, "--class", "cat", "--n", "1", "--out", str(tmp_path / "o"),
+                                       "--device", "cpu"], capsys)
+    assert_user_error(code, err, "autoguidance snapshot weights hold NaN")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("mode", WRITING_MODES)
+def test_a_network_that_gives_nan_writes_nothing(w, tmp_path, capsys, fake_inception, monkeypatch, mode):
+    """Whatever makes the network's output NaN, no mode writes an image of it (nor a grid, strip or report)."""
+    from tinyddpm.generate import LoadedModel
+
+    real = LoadedModel.network_fn
+
+    def nan_network(self, *a, **kw):
+        fn = real(self, *a, **kw)
+        return lambda x, t: fn(x, t) * float("nan")
+
+    monkeypatch.setattr(LoadedModel, "network_fn", nan_network)
+    code, stdout, err = run_script(sample, argv_for(w, mode, tmp_path / "out"), capsys)
+    assert_user_error(code, err, "NaN or inf", "nothing of it was written")
+    assert not (tmp_path / "out").exists() and "wrote" not in stdout
+
+
+@pytest.mark.parametrize("mode", ["default", "fuse", "interpolate"])
+def test_guidance_that_overflows_exits_without_writing(seeded, tmp_path, capsys, mode):
+    """--cfg-scale 1e30 --no-clip on a conditional model overflows to inf and NaN: one line, exit 2, no PNG."""
+    flags = {"default": ["--n", "2"], "fuse": ["--fuse", seeded.a, seeded.b],
+             "interpolate": ["--interpolate", seeded.a, seeded.b, "--frames", "2"]}[mode]
+    out = tmp_path / "out"
+    code, stdout, err = run_script(sample, ["--ckpt", seeded.cond, "--class", "cat", "--cfg-scale", "1e30",
+                                            "--no-clip", "--steps", "2", "--out", str(out), "--device", "cpu",
+                                            *flags], capsys)
+    assert_user_error(code, err, "NaN or inf", "--cfg-scale")
+    assert not out.exists() and "wrote" not in stdout
+
+
+def test_bpd_of_one_image_prints_no_nan(w, capsys):
+    """One image has no standard error: the line gives the mean alone, never "± nan"."""
+    code, stdout, err = run_script(sample, ["--ckpt", w.plain, "--bpd", "--n", "1", "--device", "cpu"], capsys)
+    assert code == 0, err
+    (line,) = [ln for ln in stdout.splitlines() if ln.startswith("bits/dim:")]
+    value = float(line.split()[1])
+    assert np.isfinite(value) and value > 0 and "nan" not in (stdout + err).lower() and "1 test image," in line
+    code, stdout, err = run_script(sample, ["--ckpt", w.plain, "--bpd", "--n", "2", "--device", "cpu"], capsys)
+    assert code == 0 and " ± " in stdout and "nan" not in stdout.lower(), stdout + err  # two images have a spread
+
+
+# ------------------------------------------------------------------------------------------------ no --ckpt
+def test_without_ckpt_the_newest_run_is_used(w, seeded, tmp_path, capsys, monkeypatch):
+    """sample.py without --ckpt takes the most recently written runs/*/ckpt.pt and says which on stderr."""
+    import shutil
+
+    from tests.same_images import fixed_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    for name, src in (("a", w.plain), ("b", None)):  # a: the 16 px folder model; b: a 32 px seeded one
+        os.makedirs(tmp_path / "runs" / name)
+        if src:
+            shutil.copy(src, tmp_path / "runs" / name / "ckpt.pt")
+        else:
+            fixed_checkpoint(str(tmp_path / "runs" / name / "ckpt.pt"))
+    (tmp_path / "runs" / "notes").mkdir()  # a folder without a checkpoint is passed over
+    for newest, older, size in (("b", "a", 32), ("a", "b", 16)):
+        os.utime(tmp_path / "runs" / older / "ckpt.pt", (1_000_000_000, 1_000_000_000))
+        os.utime(tmp_path / "runs" / newest / "ckpt.pt", (2_000_000_000, 2_000_000_000))
+        out = tmp_path / f"out-{newest}"
+        code, _, err = run_script(sample, ["--n", "1", "--steps", "1", "--out", str(out), "--device", "cpu"], capsys)
+        assert code == 0, err
+        assert f"using {os.path.join('runs', newest, 'ckpt.pt')}" in err, err
+        assert os.path.join("runs", older) not in err
+        assert Image.open(out / "000000.png").size == (size, size)  # and it is that checkpoint that sampled
+
+
+@pytest.mark.parametrize("runs", ["none", "empty", "no checkpoint"])
+def test_without_ckpt_and_without_a_run_is_one_line(tmp_path, capsys, monkeypatch, runs):
+    monkeypatch.chdir(tmp_path)
+    if runs != "none":
+        os.makedirs(tmp_path / "runs" / "half" if runs == "no checkpoint" else tmp_path / "runs")
+    before = tree(tmp_path)
+    code, stdout, err = run_script(sample, ["--n", "1", "--out", str(tmp_path / "out"), "--device", "cpu"], capsys)
+    assert_user_error(code, err, "no --ckpt given", "train.py", "--ckpt runs/")
+    assert tree(tmp_path) == before and stdout == ""
 
 
 # ------------------------------------------------------------------------------------------------ output folder
@@ -311,7 +458,7 @@ def _fast_sampler(monkeypatch, calls):
     """LoadedModel.sample → grey images at once, counting calls (the network is not what is under test)."""
     from tinyddpm.generate import LoadedModel
 
-    def fake(self, seeds, cond=None, **kw):
+    def fake(self, seeds, cond, options, x_start=None, t_start=None):
         calls.append(len(seeds))
         return torch.zeros(len(seeds), 3, self.image_size, self.image_size)
 
@@ -321,11 +468,11 @@ def _fast_sampler(monkeypatch, calls):
 def test_generation_is_lazy(w):
     from tinyddpm.generate import LoadedModel, SamplingOptions
 
-    opts = SamplingOptions(n=10**9).check()
-    assert isinstance(opts.seeds(), range) and len(opts.seeds()) == 10**9
     gen, calls = LoadedModel(w.plain, torch.device("cpu")), []
-    gen.sample = lambda seeds, cond=None, **kw: calls.append(list(seeds)) or torch.zeros(len(seeds), 3, 16, 16)
-    batches = gen.batches(opts.seeds(), None, 4)
+    opts = SamplingOptions(n=10**9, batch_size=4).check(gen)
+    assert isinstance(opts.seeds(), range) and len(opts.seeds()) == 10**9
+    gen.sample = lambda seeds, cond, options, **kw: calls.append(list(seeds)) or torch.zeros(len(seeds), 3, 16, 16)
+    batches = gen.batches(None, opts)
     assert calls == []  # nothing is made until asked for
     seeds, images = next(batches)
     assert calls == [[0, 1, 2, 3]] and list(seeds) == [0, 1, 2, 3] and images.shape == (4, 16, 16, 3)
@@ -439,13 +586,14 @@ def test_cpu_zero_is_the_cpu():
     assert resolve_device("cpu:0") == resolve_device("cpu") == torch.device("cpu")
 
 
-# ------------------------------------------------------------------------------------------------ one name each
-def test_one_name_per_concept():
-    """`Generator` is DCGAN's network (and torch's RNG); a loaded checkpoint is a LoadedModel. One to_uint8."""
-    from tinyddpm import data, dcgan, generate, imageio
+# ------------------------------------------------------------------------------------------------ 8-bit pixels
+def test_pixels_round_clip_and_round_trip():
+    """Float images become 8-bit pixels rounded and clipped (to_uint8, layout kept; to_pixels: [B, H, W, C] numpy,
+    what is written), and every 8-bit level read as data (data.to_float) comes back as itself."""
+    from tinyddpm import data, imageio
 
-    assert not hasattr(generate, "Generator") and hasattr(generate, "LoadedModel") and hasattr(dcgan, "Generator")
-    assert data.to_uint8 is imageio.to_uint8
     x = torch.tensor([[[[-3.0, -1.0], [0.0, 1.0]]]]).expand(1, 3, 2, 2)
     assert imageio.to_uint8(x).shape == (1, 3, 2, 2) and imageio.to_uint8(x)[0, 0].flatten().tolist() == [0, 0, 128, 255]
     assert imageio.to_pixels(x).shape == (1, 2, 2, 3) and isinstance(imageio.to_pixels(x), np.ndarray)
+    levels = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16).expand(2, 3, 16, 16)
+    assert torch.equal(data.to_uint8(data.to_float(levels)), levels)

@@ -55,6 +55,8 @@ class FusionOptions:
     noise: str = field(default="shared", metadata=dict(choices=NOISE_MODES, help="one ε for both, or one each"))
 
     def check(self, num_timesteps):
+        if type(self.t) is int:  # any --t out of range (0, or huge) gets the line naming this model's 1 … T
+            to_index(self.t, num_timesteps)
         check_values(self)
         to_index(self.step(num_timesteps), num_timesteps)
         return self
@@ -214,6 +216,9 @@ def interpolate(loaded, a, b, interpolation, options, cond=None, callback=None):
         # η = 0: the noise source is never drawn from; the sampler takes one all the same.
         noise = ImageNoise([0] * len(zb), a.shape, loaded.device)
         out.append(ddim(denoise, zb, levels(decoder, diffusion), noise).float().cpu())
+        if not torch.isfinite(out[-1]).all():  # as LoadedModel.sample: never a NaN or inf image
+            raise UserError(f"interpolation gave NaN or inf (frames {i} … {i + len(zb) - 1}), so nothing of it was "
+                            "written: lower --cfg-scale, or use another checkpoint")
         if callback:
             callback(i + len(zb), frames)
     return torch.cat(out), latents.cpu()

@@ -54,13 +54,14 @@ def options(args, loaded):
     if args.fuse:
         task = FusionOptions(lams=tuple(args.lam or (DEFAULT_LAM,)), t=args.t, noise=args.noise or "shared").check(T)
         return sampling_options(args, loaded, n=1, sampler=DDIM, autoguidance=1.0), task
+    sampling = sampling_options(args, loaded, n=1, sampler=DDIM, autoguidance=1.0)  # a bad value: its own line
     if args.sampler not in (None, "ddim") or args.eta or args.spacing not in (None, "uniform"):
         raise UserError("--interpolate inverts and decodes with deterministic DDIM (η = 0, uniform steps); "
                         "drop --sampler / --eta / --spacing")
     if args.classes and len(args.classes) > 1:
         raise UserError("--interpolate takes one --class (both inputs are encoded with it)")
     task = InterpolationOptions(frames=args.frames or DEFAULT_FRAMES, inversion_steps=args.inversion_steps).check()
-    return sampling_options(args, loaded, n=1, sampler=DDIM, autoguidance=1.0), task
+    return sampling, task
 
 
 def condition(args, loaded):
