@@ -296,6 +296,9 @@ DAMAGE = {
     "optimizer-eps-none": lambda ck: ck["optimizers"][_first(ck["optimizers"])]["param_groups"][0].update(eps=None),
     "optimizer-beta-a-string": lambda ck: ck["optimizers"][_first(ck["optimizers"])]["param_groups"][0].update(
         betas=("0.9", 0.999)),
+    # NaN in the EMA weights (a DCGAN resumed from such a file wrote a black grid and exited 0)
+    "ema-weights-nan": lambda ck: [v.fill_(float("nan")) for v in ck["models"]["ema"].values()
+                                   if v.is_floating_point()],
 }
 
 

@@ -23,6 +23,14 @@ ZIP_MAGIC = b"PK\x03\x04"
 PICKLE_PROTO = b"\x80"  # the PROTO opcode that starts every pickle of protocol ≥ 2
 
 
+def nonfinite_tensor(state):
+    """The name of the first floating-point tensor of a state dict that holds NaN or inf, or None."""
+    for name, value in state.items():
+        if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
+            return name
+    return None
+
+
 def save_checkpoint(path, state: dict):
     """Add the format header and write atomically (temp file + os.replace)."""
     atomic_torch_save({"format": FORMAT, "version": FORMAT_VERSION, **state}, path)

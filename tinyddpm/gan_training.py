@@ -26,7 +26,8 @@ from .ema import EMA
 from .errors import UserError
 from .imageio import make_grid, save_png, to_pixels
 from .models import build_gan, grid_condition
-from .runs import Run, StopSignals, say, throughput
+from .runs import Run, say, throughput
+from .stopping import StopSignals
 
 # Config fields that only a diffusion model reads: setting one for a DCGAN is a mistake we report.
 DIFFUSION_ONLY_SECTIONS = ("unet", "diffusion")

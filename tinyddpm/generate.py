@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, nonfinite_tensor
 from .checks import check_values
 from .constants import MAX_BATCH, MAX_SEED
 from .cpu import follow_free_cores
@@ -61,10 +61,10 @@ class SamplingOptions:
 
 def _finite_weights(state, what, path):
     """Refuse a state dict holding NaN or inf: such weights sample constant (black) images."""
-    for name, value in state.items():
-        if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
-            raise UserError(f"{path}: the {what} weights hold NaN or inf ({name}); training diverged or the file "
-                            "was damaged: use an earlier checkpoint, or retrain with a lower --lr")
+    name = nonfinite_tensor(state)
+    if name:
+        raise UserError(f"{path}: the {what} weights hold NaN or inf ({name}); training diverged or the file "
+                        "was damaged: use an earlier checkpoint, or retrain with a lower --lr")
 
 
 class LoadedModel:

@@ -21,7 +21,8 @@ from .errors import UserError
 from .imageio import make_grid, save_png, to_pixels
 from .models import build_diffusion, build_unet, grid_condition
 from .guidance import classifier_free
-from .runs import Run, StopSignals, say, throughput
+from .runs import Run, say, throughput
+from .stopping import StopSignals
 from .samplers import ImageNoise, SamplerOptions, sample
 
 
