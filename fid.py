@@ -14,21 +14,20 @@ order; CLASSES are names joined by commas, or all), read from --data-dir. Entrie
 out, and a line says which.
 Progress goes to stderr, the result alone to stdout.
 """
-import argparse
 import os
 import sys
 import warnings
 
 from tinyddpm.config import DataConfig
 from tinyddpm.distance import KID_MIN_SUBSET
-from tinyddpm.errors import UserError, run_cli
+from tinyddpm.errors import ArgumentParser, UserError, run_cli
 
 DEFAULT_DATA_DIR = DataConfig.data_dir  # train.py's default --data-dir, so both find the same download
 SEED_LIMIT = 2**64  # numpy's generators take seeds in [0, 2**64) here
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="one or two folders / .npz stats / .npy arrays / dataset references like cifar10:cat:test")
     p.add_argument("--data-dir", default=DEFAULT_DATA_DIR,

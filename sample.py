@@ -8,13 +8,13 @@
     python sample.py --ckpt ... --bpd --n 256                                      # VLB in bits/dim on the test split
     python sample.py --ckpt ... --report                                           # FID-1k, KID, real-vs-real floor
 """
-import argparse
+import os
 import sys
 
 from tinyddpm.cli import eval_labels, fuse, images, quality
 from tinyddpm.cli.common import RUNS_DIR, checkpoint_path, check_flags
 from tinyddpm.constants import SAMPLERS, SPACINGS
-from tinyddpm.errors import UserError, run_cli
+from tinyddpm.errors import ArgumentParser, UserError, run_cli
 from tinyddpm.generate import CLASS_AUTOGUIDANCE, DEFAULT_AUTOGUIDANCE, DEFAULT_BATCH, DEFAULT_N
 from tinyddpm.report import REPORT_N
 from tinyddpm.samplers import DDIM, DEFAULT_SAMPLER, DEFAULT_STEPS
@@ -23,7 +23,7 @@ DEFAULT_OUT = "samples"
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--ckpt", default=None,
                    help=f"checkpoint (runs/<name>/ckpt.pt) or its run folder (default: the newest under {RUNS_DIR}/)")
     p.add_argument("--n", type=int, default=None,
@@ -83,7 +83,10 @@ def main(argv=None):
     device = resolve_device(args.device)
     if args.out is None:
         args.out = unused_folder(DEFAULT_OUT)
-    check_output_dir(args.out)  # a file in the way is refused before the checkpoint is read
+    elif os.path.isdir(check_output_dir(args.out)) and os.listdir(args.out):  # a file in the way is refused too
+        raise UserError(f"--out {args.out} already holds files, and sample.py writes only into a new or empty folder "
+                        f"(so nothing there is overwritten); choose another, or drop --out ({DEFAULT_OUT}/, "
+                        f"{DEFAULT_OUT}-2/, … are picked for you)")
     loaded = LoadedModel(checkpoint_path(args), device, use_ema=not args.raw)
     check_flags(args, loaded, mode)
     with removed_if_unused(args.out):  # each mode makes --out (files.prepare_output_dir) before its slow work

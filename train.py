@@ -6,17 +6,16 @@
 
 Ctrl-C or SIGTERM saves a checkpoint and exits (code 128 + signal number); run the same command to resume.
 """
-import argparse
 import os
 import signal
 import sys
 
 from tinyddpm.config import PRESETS, add_config_flags, build_config, default_preset, user_overrides
-from tinyddpm.errors import UserError, run_cli
+from tinyddpm.errors import ArgumentParser, UserError, run_cli
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--model", choices=("ddpm", "dcgan"), default="ddpm", help="diffusion model or DCGAN")
     p.add_argument("--preset", choices=tuple(PRESETS), default=None,
                    help="named configuration (default: tiny on a CPU, small on a GPU)")

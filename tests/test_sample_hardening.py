@@ -597,3 +597,30 @@ def test_pixels_round_clip_and_round_trip():
     assert imageio.to_pixels(x).shape == (1, 2, 2, 3) and isinstance(imageio.to_pixels(x), np.ndarray)
     levels = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16).expand(2, 3, 16, 16)
     assert torch.equal(data.to_uint8(data.to_float(levels)), levels)
+
+
+@pytest.mark.parametrize("mode", [[], ["--report", "--n", "2"], ["--fuse", "{a}", "{b}"]])
+def test_an_explicit_out_that_holds_files_is_refused_and_left_alone(seeded, tmp_path, capsys, mode):
+    """A user's folder with 000000.png, grid.png or report.json in it: nothing of it is overwritten."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    for name in ("000000.png", "grid.png", "report.json", "notes.txt"):
+        (out / name).write_bytes(b"the user's own file")
+    argv = ["--ckpt", seeded.cond, "--class", "cat", "--out", str(out), "--device", "cpu",
+            *[m.format(a=seeded.a, b=seeded.b) for m in mode]]
+    code, _, err = run_script(sample, argv, capsys)
+    assert_user_error(code, err, "--out", "already holds files")
+    assert sorted(p.name for p in out.iterdir()) == ["000000.png", "grid.png", "notes.txt", "report.json"]
+    assert all(p.read_bytes() == b"the user's own file" for p in out.iterdir())
+
+
+def test_a_fifo_given_as_ckpt_is_one_line(tmp_path, capsys):
+    from tests.hang_guard import fails_instead_of_hanging
+
+    fifo = tmp_path / "ckpt.pt"
+    os.mkfifo(fifo)
+    with fails_instead_of_hanging():
+        code, _, err = run_script(sample, ["--ckpt", str(fifo), "--out", str(tmp_path / "o"), "--device", "cpu"],
+                                  capsys)
+    assert_user_error(code, err, "not a regular file")
+    assert not (tmp_path / "o").exists()

@@ -55,6 +55,8 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         raise UserError(f"checkpoint {path} does not exist; pass the ckpt.pt of a training run (runs/<name>/ckpt.pt)")
     if os.path.isdir(path):
         raise UserError(f"{path} is a folder without {CKPT_NAME}; pass the checkpoint file")
+    if not os.path.isfile(path):  # a FIFO or a device would block the read, or never end
+        raise UserError(f"{path} is not a regular file (a pipe or a device?); pass the ckpt.pt of a training run")
     if not _looks_like_torch_file(path):
         raise UserError(f"cannot read checkpoint {path}: it is truncated or not a PyTorch file; "
                         "use a complete ckpt.pt written by train.py")

@@ -4,7 +4,9 @@ Library code raises `UserError` for anything the user can fix (a bad flag, a mis
 Scripts wrap their `main` in `run_cli`, which turns it into the one-line message. Programming errors still
 raise normally so they are never hidden.
 """
+import argparse
 import contextlib
+import re
 import signal
 import sys
 import threading
@@ -14,8 +16,26 @@ EXIT_SIGINT = 128 + signal.SIGINT  # the shell's convention: 128 + the signal's 
 EXIT_SIGTERM = 128 + signal.SIGTERM
 
 
+# A command-line value that looks like a negative number, ±inf or nan (-1, -0.5, -1e9, -inf, nan, …): argparse takes
+# only -1 and -0.5 for values and anything else starting with "-" for an unknown option.
+NUMBER_LIKE = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-?(inf|infinity|nan)$", re.IGNORECASE)
+
+
 class UserError(Exception):
     """Something the user can fix. The message says what is wrong and what to do."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's one-line errors ('error: … (see PROG --help)', exit code 2, no usage block),
+    and -inf, -1e9 or nan read as values, so the flag's own check says what is wrong with them."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = NUMBER_LIKE  # argparse's rule for "a value, not an option"
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"error: {message} (see {self.prog} --help)\n")
 
 
 def _terminate(signum, frame):

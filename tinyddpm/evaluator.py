@@ -11,7 +11,6 @@ test-split label sets (combinations it never saw), which is where a conditional 
 trains one (minutes on a CPU) and prints its held-out accuracy. The checkpoint is a plain dict (config as plain
 data + state_dict), written atomically and read with torch.load(weights_only=True).
 """
-import argparse
 import dataclasses
 import math
 import os
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 
 from . import shapes
 from .devices import resolve_device
-from .errors import UserError, run_cli
+from .errors import ArgumentParser, UserError, run_cli
 from .files import atomic_torch_save
 
 FORMAT = "tinyddpm"  # the same header as training checkpoints, with its own kind
@@ -231,8 +230,8 @@ def train_evaluator(out_path, settings=EvaluatorTraining(), log=print, force=Fal
 
 # ------------------------------------------------------------------------------------------------ command line
 def build_parser():
-    p = argparse.ArgumentParser(prog="python -m tinyddpm.evaluator",
-                                description="Train the shapes evaluator and print its held-out accuracy.")
+    p = ArgumentParser(prog="python -m tinyddpm.evaluator",
+                       description="Train the shapes evaluator and print its held-out accuracy.")
     p.add_argument("--out", required=True, help="checkpoint file to write, e.g. runs/evaluator.pt")
     d = EvaluatorTraining()
     p.add_argument("--size", type=int, default=d.size, choices=shapes.SIZES, help="image size it scores")

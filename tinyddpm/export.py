@@ -6,19 +6,17 @@
 The reference is read as fid.py and sample.py --report read it (tinyddpm/sources.py), from --data-dir (downloaded
 there if missing). An existing file is never overwritten.
 """
-import argparse
 import os
 import sys
 
 from .config import DataConfig
-from .errors import UserError, run_cli
+from .errors import ArgumentParser, UserError, run_cli
 from .imageio import save_png
 from .sources import is_cifar_reference, load_cifar_reference, parse_cifar_reference
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="python -m tinyddpm.export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m tinyddpm.export", description=__doc__)
     p.add_argument("reference", help="a dataset reference, cifar10:CLASSES:SPLIT[:N] (e.g. cifar10:cat:test)")
     p.add_argument("files", nargs="+", metavar="FILE", help="PNG files to write: image i of the reference to FILE i")
     p.add_argument("--data-dir", default=DataConfig.data_dir,

@@ -7,7 +7,6 @@ Each key is a line of its own colour; the raw values are drawn faint and a runni
 lines on top, because the per-step diffusion loss is noisy (each image has its own random timestep). The y axis is
 logarithmic when every value is positive (a diffusion loss falls by orders of magnitude), else linear.
 """
-import argparse
 import json
 import os
 import sys
@@ -15,7 +14,7 @@ import sys
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .errors import UserError, run_cli
+from .errors import ArgumentParser, UserError, run_cli
 from .files import atomic_save_image
 
 WIDTH, HEIGHT = 640, 360  # pixels of the written PNG
@@ -89,7 +88,7 @@ def draw_curves(series, title="", log_y=None):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("log", help="a run's log.jsonl")
     p.add_argument("--out", default=None, help="PNG to write (default: curve.png beside the log)")
     p.add_argument("--keys", nargs="+", default=["loss"], help="log fields to draw (default: loss)")
