@@ -1,22 +1,20 @@
 """The training-recipe ablation of docs/recipe.md: one change per row against a base command, equal training
-images per row, each row scored by `sample.py --report`: with --base before, with the sampler the first table was
-measured with (SDE-DPM-Solver++(2M), 20 model calls: sample.py's default then; REPORT_SAMPLING pins it so a rerun
-compares); with --base preset, with sample.py's default sampler, as the README's report.
+images per row, each row scored by `sample.py --report` (--base before: with the sampler the first table used,
+SDE-DPM-Solver++(2M) at 20 calls, pinned by REPORT_SAMPLING; --base preset: with sample.py's defaults).
 
     python benchmarks/recipe_ablation.py --out runs/recipe --steps 2500 --jobs 2            # every row, two at a time
-    python benchmarks/recipe_ablation.py --out runs/recipe --rows baseline min-snr-5        # some rows
-    python benchmarks/recipe_ablation.py --out runs/recipe2 --base preset --steps 8000 --jobs 2 --rows baseline lr-2e-3
+    python benchmarks/recipe_ablation.py --out runs/recipe2 --base preset --steps 8000 --rows baseline edm
     python benchmarks/recipe_ablation.py --out /tmp/recipe --smoke                          # toy size, seconds
 
-Each row is a real `train.py` run (its own folder under --out/runs/<row>, so an interrupted ablation resumes where
-it stopped: train.py resumes from the checkpoint) and a real `sample.py --report` (FID-1k against the class's
-1,000 test images, with the real-vs-real floor). With --jobs N > 1, N rows run side by side with one thread each
-(TINYDDPM_THREADS=1), so rows of one batch share the machine equally; the table says which. Results go to
---out/recipe_ablation.json (every figure, command and setting) and --out/recipe_ablation.md (the table).
+Each row is a real `train.py` run in --out/runs/<row> (an interrupted ablation resumes: train.py resumes from its
+checkpoint, a finished report is kept) and a real `sample.py --report` (FID-1k against the class's 1,000 test
+images, with the real-vs-real floor). With --jobs N > 1, N rows run side by side with one thread each
+(TINYDDPM_THREADS=1). Results: --out/recipe_ablation.json (every figure, command and setting) and .md (the table).
 """
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -26,11 +24,8 @@ sys.path.insert(0, ROOT)
 
 from tinyddpm.files import atomic_write_bytes  # noqa: E402
 
-# What every row adds its flags to (a later flag wins). --preset tiny is explicit so a GPU machine measures the same
-# thing as a CPU one.
-#   before: the README's main command with the `tiny` preset as it was before the first ablation (no attention,
-#           constant learning rate); today's preset is that table's row `combined` of `--combine attn-8 lr-cosine`.
-#   preset: the README's main command as it is today (its row `baseline` is the preset itself).
+# What every row adds its flags to (a later flag wins; --preset tiny is explicit so a GPU machine measures the same):
+# before: the tiny preset before the first ablation (no attention, constant learning rate); preset: today's.
 MAIN = ["--dataset", "cifar", "--class", "cat", "--preset", "tiny"]
 BASES = {"before": MAIN + ["--attn-resolutions", "--lr-decay", "constant"], "preset": MAIN}
 # name → (flags added to the --base command, step multiplier at equal training *time*, why it is a candidate)
@@ -61,8 +56,10 @@ ROWS = {
     "ema-0.9995-now": (["--ema-decay", "0.9995", "--no-ema-warmup"], 1.0,
                        "a longer EMA from step 0 (with the warm-up, 8,000 steps end at about 0.9989 whatever the "
                        "decay)"),
-    # Not changes: the base again with another training seed (weights, data order, noise), to measure how far a row
-    # moves by chance alone, the yardstick for every other row's difference.
+    "edm": (["--objective", "edm", "--train-levels", "lognormal"], 1.0, "EDM's preconditioning and lognormal levels"),
+    "edm-precond": (["--objective", "edm"], 1.0, "EDM's preconditioning alone, at uniform whole timesteps"),
+    "lognormal": (["--train-levels", "lognormal"], 1.0, "EDM's lognormal training levels alone, ε objective"),
+    # Not changes: the base with other training seeds, the yardstick for every other row's difference.
     "seed-1": (["--seed", "1"], 1.0, "the base command with training seed 1 (the spread between seeds)"),
     "seed-2": (["--seed", "2"], 1.0, "the base command with training seed 2 (the spread between seeds)"),
 }
@@ -150,9 +147,13 @@ def run_batch(names, args):
     results = {}
     for phase in ("train", "report"):
         procs = {}
-        for n in names:
-            cmd = plans[n][0] if phase == "train" else plans[n][1]
-            procs[n] = (start(cmd, os.path.join(args.out, "logs", f"{n}.{phase}.log"), env), time.perf_counter())
+        for n in names:  # train.py resumes; a finished report is kept, a killed one's files removed
+            report = os.path.join(args.out, "reports", n)
+            if phase == "report" and os.path.exists(os.path.join(report, "report.json")):
+                continue
+            shutil.rmtree(report, ignore_errors=True) if phase == "report" else None
+            procs[n] = (start(plans[n][phase == "report"], os.path.join(args.out, "logs", f"{n}.{phase}.log"), env),
+                        time.perf_counter())
         while procs:  # poll, so each row's wall time ends when *its* process does
             for n, ((proc, log), t0) in list(procs.items()):
                 rc = proc.poll()
