@@ -257,7 +257,7 @@ def test_clip_x0_keeps_the_prediction_in_range(name):
 
 def test_karras_spacing():
     diff = linear()
-    t, s = samplers.noise_levels(diff, 10, spacing="karras")
+    t, s = samplers.noise_levels(diff, 10, T - 1, spacing="karras")
     assert t[0] == T - 1 and t[-1] == 0 and np.all(np.diff(t) < 0)
     rho = samplers.KARRAS_RHO
     # s^(1/ρ) is evenly spaced (Karras et al. eq. 5) and the fractional t map back onto the same s.
@@ -300,8 +300,8 @@ def test_bad_requests_are_one_user_error_before_any_call(kw, says):
 
 # --- the defects of issue 16 (each test fails on the code before the fix) -----------------------------------------
 def test_defect1_one_step_starts_at_t_start():
-    assert ddim_timesteps(T, 1) == [T - 1]
-    assert ddim_timesteps(T, 1, t_start=500) == [500]
+    assert ddim_timesteps(T - 1, 1) == [T - 1]
+    assert ddim_timesteps(500, 1) == [500]
     diff = linear(timesteps=100)
     x0 = torch.rand(2, *SHAPE) * 1.6 - 0.8
     seen = []

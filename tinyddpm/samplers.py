@@ -98,25 +98,23 @@ class ImageNoise:
 
 
 # --- noise levels: where a sampler evaluates the model ---------------------------------------------------------
-def ddim_timesteps(num_timesteps, steps, t_start=None):
-    """`steps` whole timesteps from t_start (default T−1) down to 0, evenly spaced and distinct (at most t_start + 1).
-    One step is [t_start]: a single jump from the start to the clean image."""
-    first = num_timesteps - 1 if t_start is None else t_start
+def ddim_timesteps(first, steps):
+    """`steps` whole timesteps from `first` down to 0, evenly spaced and distinct (at most first + 1). One step is
+    [first]: a single jump from the start to the clean image."""
     steps = max(1, min(steps, first + 1))
     return np.unique(np.linspace(first, 0, steps).round().astype(np.int64))[::-1].tolist()
 
 
-def noise_levels(diffusion, steps, t_start=None, spacing="uniform", include_zero=True):
-    """(t [n], σ [n]) float64: timesteps from t_start (default T−1) downwards and their noise levels.
+def noise_levels(diffusion, steps, first, spacing="uniform", include_zero=True):
+    """(t [n], σ [n]) float64: timesteps from whole timestep `first` downwards and their noise levels.
 
-    uniform, include_zero: `ddim_timesteps` (whole steps down to t = 0, n ≤ t_start + 1). uniform without
-    include_zero: diffusers' "linspace" grid, the first n of n + 1 evenly spaced whole steps from t_start to 0 (the
+    uniform, include_zero: `ddim_timesteps` (whole steps down to t = 0, n ≤ first + 1). uniform without
+    include_zero: diffusers' "linspace" grid, the first n of n + 1 evenly spaced whole steps from `first` to 0 (the
     step to the clean image takes the place of t = 0). karras: σ_i = (σ_max^(1/ρ) + i/(n−1)·(σ_min^(1/ρ) −
-    σ_max^(1/ρ)))^ρ from σ(t_start) to σ(0), at fractional t (Karras et al. 2022, eq. 5).
+    σ_max^(1/ρ)))^ρ from σ(first) to σ(0), at fractional t (Karras et al. 2022, eq. 5).
     """
-    first = diffusion.num_timesteps - 1 if t_start is None else t_start
     if spacing == "uniform":
-        t = np.asarray(ddim_timesteps(diffusion.num_timesteps, steps, first) if include_zero else
+        t = np.asarray(ddim_timesteps(first, steps) if include_zero else
                        np.unique(np.linspace(first, 0, steps + 1)[:-1].round())[::-1], dtype=np.float64)
     else:  # karras (SamplerOptions allows no other)
         s_max, s_min = diffusion.sigma([first, 0]) ** (1.0 / KARRAS_RHO)
