@@ -48,10 +48,8 @@ ROWS = {
     "shift-16": (["--base-channels", "16", "--channel-mults", "1", "4", "4"], 1.0,
                  "half the channels at 32 px (16), twice at 16 px (64), the same at 8 px: about the same FLOPs and "
                  "img/s, the capacity moved to 16 px"),
-    "deep-4px": (["--channel-mults", "1", "1", "2", "2"], 1.0,
-                 "a fourth level at 4 px (64 channels); the attention moves there"),
-    "scale-shift": (["--scale-shift-norm"], 1.0, "FiLM-style GroupNorm: the time embedding scales and shifts "
-                    "(Nichol & Dhariwal 2021)"),
+    "deep-4px": (["--channel-mults", "1", "1", "2", "2"], 1.0, "a fourth level at 4 px (64 ch), attention there"),
+    "scale-shift": (["--scale-shift-norm"], 1.0, "FiLM GroupNorm: the embedding scales and shifts (Nichol & Dhariwal)"),
     "dropout-0.1": (["--dropout", "0.1"], 1.0, "dropout 0.1 in the residual blocks (DDPM's CIFAR setting)"),
     "ema-0.9995-now": (["--ema-decay", "0.9995", "--no-ema-warmup"], 1.0,
                        "a longer EMA from step 0 (with the warm-up, 8,000 steps end at about 0.9989 whatever the "
@@ -59,11 +57,13 @@ ROWS = {
     "edm": (["--objective", "edm", "--train-levels", "lognormal"], 1.0, "EDM's preconditioning and lognormal levels"),
     "edm-precond": (["--objective", "edm"], 1.0, "EDM's preconditioning alone, at uniform whole timesteps"),
     "lognormal": (["--train-levels", "lognormal"], 1.0, "EDM's lognormal training levels alone, ε objective"),
+    "guide-16": (["--guide-channels", "16"], 1.0, "a half-width guide network trained alongside until the snapshot"),
+    "guide-8": (["--guide-channels", "8"], 1.0, "a quarter-width guide network trained alongside until the snapshot"),
     # Not changes: the base with other training seeds, the yardstick for every other row's difference.
     "seed-1": (["--seed", "1"], 1.0, "the base command with training seed 1 (the spread between seeds)"),
     "seed-2": (["--seed", "2"], 1.0, "the base command with training seed 2 (the spread between seeds)"),
 }
-POLL_S = 0.5
+POLL_S = 0.5  # seconds between polls of the running rows
 SMOKE_FLAGS = ["--dataset", "shapes", "--shapes-count", "64", "--image-size", "16", "--preset", "tiny",
                "--base-channels", "8", "--channel-mults", "1", "--attn-resolutions", "--timesteps", "20",
                "--batch-size", "4",

@@ -202,3 +202,37 @@ def test_dcgan_refuses_guide_at(tmp_path, capsys):
                                       "--out", str(tmp_path / "gan"), "--device", "cpu"], capsys)
     assert_user_error(code, err, "--guide-at", "dcgan")
     assert not (tmp_path / "gan").exists()
+
+
+def test_a_narrow_guide_network_trains_alongside_and_guides(tmp_path, capsys):
+    """--guide-channels 8: a second, narrower U-Net trains on the same batches until the snapshot step; its EMA there
+    is the autoguidance model, which sample.py builds at that width."""
+    out = tmp_path / "narrow"
+    code, _, err = run_script(train, run_flags(tmp_path, out, 6, ["--guide-at", "0.5", "--guide-channels", "8"]),
+                              capsys)
+    assert code == 0 and "narrow guide network's EMA of step 3" in err, err
+    ck = load_checkpoint(out / "ckpt.pt")
+    snap, main = ck["models"]["guide"], ck["models"]["ema"]
+    assert snap["step"] == 3 and snap["weights"].keys() == ck["models"]["guide_ema"].keys()
+    assert snap["weights"]["conv_in.weight"].shape[0] == 8 < main["conv_in.weight"].shape[0]
+    # It stopped training at the snapshot: its EMA and weights are those of step 3 (the EMA is the snapshot).
+    for k, v in snap["weights"].items():
+        assert torch.equal(ck["models"]["guide_ema"][k], v), k
+    loaded = LoadedModel(str(out), CPU)
+    assert loaded.guide_step == 3 and loaded.default_autoguidance() == DEFAULT_AUTOGUIDANCE
+    code, _, err = run_script(sample, ["--ckpt", str(out), "--n", "2", "--steps", "3", "--out", str(tmp_path / "s"),
+                                       "--device", "cpu"], capsys)
+    assert code == 0, err
+    # The same command again: nothing to do, and the narrow network came back from the checkpoint.
+    code, _, err = run_script(train, run_flags(tmp_path, out, 6, ["--guide-at", "0.5", "--guide-channels", "8"]),
+                              capsys)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("flags, words", [(["--guide-at", "0"], ["--guide-channels", "--guide-at"]),
+                                          (["--guide-channels", "5"], ["--guide-channels 5", "--base-channels"])])
+def test_a_narrow_guide_needs_a_snapshot_and_a_valid_width(tmp_path, capsys, flags, words):
+    argv = run_flags(tmp_path, tmp_path / "x", 2, ["--guide-channels", "8", *flags])
+    code, _, err = run_script(train, argv, capsys)
+    assert_user_error(code, err, *words)
+    assert not (tmp_path / "x").exists()

@@ -120,6 +120,9 @@ class TrainConfig:
     guide_at: float = field(default=0.0, metadata=dict(min=0.0, lt=1.0, help=(
         "keep the EMA weights after this fraction of --steps as the autoguidance model that sample.py uses by "
         "default (Karras et al. 2024; docs/recipe.md); 0: none")))
+    guide_channels: int = field(default=0, metadata=dict(min=0, max=MAX_WIDTH, help=(
+        "train a narrower U-Net (this many base channels) on the same batches until the --guide-at step and keep "
+        "its EMA there as the autoguidance model; 0: the main network's own EMA")))
     seed: int = field(default=0, metadata=dict(help="seed for weights, data order and noise"))
     compile: bool = field(default=False, metadata=dict(help="torch.compile the training step"))
     log_every: int = field(default=50, metadata=dict(min=1, help="steps between progress lines"))
@@ -185,6 +188,9 @@ def validate(cfg, where=None):
             raise UserError(f"--preset must be one of {', '.join(PRESETS)} (got {cfg.preset!r})")
         for name in SECTIONS:
             check_values(getattr(cfg, name))
+        if cfg.train.guide_channels and (cfg.model != "ddpm" or not cfg.train.guide_at):
+            raise UserError("--guide-channels trains a guide network for autoguidance: it needs a diffusion model "
+                            "and --guide-at > 0")
         d = cfg.diffusion
         if d.learn_sigma and (d.objective == "edm" or d.train_levels != "uniform"):
             raise UserError("--learn-sigma trains the variance with the VLB at whole timesteps; it does not combine "
@@ -306,12 +312,11 @@ def build_config(preset: str, overrides: dict, model: str = "ddpm") -> RunConfig
 
 
 # Fields a resumed run may change without mixing two different runs (longer training, other logging cadence, the
-# autoguidance snapshot: none of them changes the trained weights). training.py checks what a change of --steps,
-# --minutes or --guide-at means for a run that already fixed its count or kept its snapshot.
-RESUMABLE_FIELDS = {("train", "steps"), ("train", "minutes"), ("train", "log_every"), ("train", "sample_every"), ("train", "save_every"),
-                    ("train", "grid_size"), ("train", "grid_steps"), ("train", "grid_eta"), ("train", "grid_sampler"),
-                    ("train", "compile"), ("train", "guide_at"),
-                    ("data", "data_dir")}
+# autoguidance snapshot: none of them changes the trained weights). budget.check_resume checks what a change of
+# --steps, --minutes or --guide-at means for a run that already fixed its count or kept its snapshot.
+RESUMABLE_FIELDS = {("train", "steps"), ("train", "minutes"), ("train", "log_every"), ("train", "sample_every"),
+                    ("train", "save_every"), ("train", "grid_size"), ("train", "grid_steps"), ("train", "grid_eta"),
+                    ("train", "grid_sampler"), ("train", "compile"), ("train", "guide_at"), ("data", "data_dir")}
 
 
 def config_differences(a: dict, b: dict):

@@ -20,7 +20,7 @@ from .ema import check_snapshot
 from .errors import UserError
 from .guidance import autoguided, classifier_free
 from .imageio import to_pixels
-from .models import build_diffusion, build_gan, build_unet
+from .models import build_diffusion, build_gan, build_guide, build_unet
 from .samplers import ImageNoise, SamplerOptions, sample as run_sampler
 
 DEFAULT_N = 64  # images when --n is not given (the modes that make something else say so)
@@ -84,12 +84,13 @@ class LoadedModel:
             if self.kind == "ddpm":
                 self.net, self.diffusion = build_unet(self.cfg, self.labels), build_diffusion(self.cfg)
                 snapshot = ckpt["models"].get("guide")
+                guide_net = build_guide(self.cfg, self.labels)  # the network or its narrow guide (--guide-channels)
                 try:
-                    self.guide_step = check_snapshot(snapshot, self.net)  # names, shapes, finite values, step ≥ 1
+                    self.guide_step = check_snapshot(snapshot, guide_net)  # names, shapes, finite values, step ≥ 1
                 except ValueError as e:
                     raise UserError(f"{ckpt_path}: {e}; the file is damaged or was edited") from None
                 if self.guide_step is not None:
-                    self.guide_net = build_unet(self.cfg, self.labels)
+                    self.guide_net = guide_net
                     self.guide_net.load_state_dict(snapshot["weights"])
                     self.guide_net.to(device).eval()
             else:

@@ -1,9 +1,12 @@
 """Building networks from a RunConfig and the label description, so a checkpoint alone rebuilds its model."""
+from dataclasses import replace
+
 import numpy as np
 import torch
 
 from . import dcgan, unet
 from .diffusion import GaussianDiffusion
+from .errors import UserError
 
 IMAGE_CHANNELS = 3
 
@@ -30,12 +33,30 @@ def check_architecture(cfg):
         dcgan.num_doublings(cfg.data.image_size)
     else:
         unet.check_config(cfg.unet, cfg.data.image_size)
+        if cfg.train.guide_channels:
+            try:
+                unet.check_config(guide_config(cfg).unet, cfg.data.image_size)
+            except UserError as e:
+                raise UserError(f"the narrow guide network (--guide-channels {cfg.train.guide_channels}): {e}") \
+                    from None
 
 
 def build_unet(cfg, labels):
     """The diffusion U-Net; 2C output channels when the variance is learned."""
     out = IMAGE_CHANNELS * (2 if cfg.diffusion.learn_sigma else 1)
     return unet.UNet(cfg.unet, cfg.data.image_size, IMAGE_CHANNELS, out, labels["kind"], len(labels["names"]))
+
+
+def guide_config(cfg):
+    """The RunConfig of the autoguidance network: the model's own, or its narrower version (--guide-channels)."""
+    if not cfg.train.guide_channels:
+        return cfg
+    return replace(cfg, unet=replace(cfg.unet, base_channels=cfg.train.guide_channels))
+
+
+def build_guide(cfg, labels):
+    """The network the autoguidance snapshot holds weights of (ema.Snapshot): a U-Net of guide_config(cfg)."""
+    return build_unet(guide_config(cfg), labels)
 
 
 def build_gan(cfg, labels):

@@ -9,6 +9,7 @@ import math
 import time
 from copy import deepcopy
 from dataclasses import dataclass, replace
+from typing import Optional
 
 import torch
 
@@ -19,7 +20,7 @@ from .devices import autocast
 from .ema import EMA, Snapshot
 from .errors import UserError
 from .imageio import make_grid, save_png, to_pixels
-from .models import build_diffusion, build_unet, grid_condition
+from .models import build_diffusion, build_guide, build_unet, grid_condition
 from .guidance import classifier_free
 from .runs import Run, say, throughput
 from .stopping import StopSignals
@@ -77,52 +78,72 @@ def batch_randomness(diffusion, cfg, gen, global_b, device):
 @dataclass
 class Nets:
     """What a diffusion step updates: the network (DDP-wrapped under torchrun as `ddp`), its EMA copy, the
-    autoguidance snapshot and the optimizer."""
+    autoguidance snapshot and the optimizer; `narrow`: the narrower guide network trained alongside
+    (--guide-channels) with its own EMA and optimizer, or None (the snapshot is then the main network's EMA)."""
     model: torch.nn.Module
     ddp: torch.nn.Module
     ema: EMA
     guide: Snapshot
     opt: torch.optim.Optimizer
+    narrow: Optional["Nets"] = None
+
+    def checkpointed(self):
+        """(models, optimizers): what a checkpoint holds, by name."""
+        models, optimizers = dict(model=self.model, ema=self.ema, guide=self.guide), dict(opt=self.opt)
+        if self.narrow is not None:
+            models.update(guide_model=self.narrow.model, guide_ema=self.narrow.ema)
+            optimizers.update(guide_opt=self.narrow.opt)
+        return models, optimizers
 
 
-def make_nets(cfg, model, device):
-    """EMA, an empty snapshot and AdamW (fused on CUDA, foreach on the CPU) around `model`."""
+def make_nets(cfg, model, device, narrow_model=None):
+    """EMA, an empty snapshot and AdamW (fused on CUDA, foreach on the CPU) around `model`, and the same around
+    `narrow_model` when there is one (the snapshot then holds its EMA's weights)."""
     tcfg = cfg.train
     fused = dict(fused=True) if device.type == "cuda" else dict(foreach=True)
     opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay, **fused)
-    return Nets(model, dist.wrap(model, device), EMA(model, tcfg.ema_decay, tcfg.ema_warmup), Snapshot(), opt)
+    nets = Nets(model, dist.wrap(model, device), EMA(model, tcfg.ema_decay, tcfg.ema_warmup), Snapshot(), opt)
+    if narrow_model is not None:
+        nets.narrow, nets.guide.of = make_nets(cfg, narrow_model, device), "guide_ema"
+    return nets
 
 
 def make_step(cfg, nets, diffusion, data, device):
-    """The training step: step_fn(idx [b] indices into the data, gen) → (loss [], gradient norm []) after forward
-    and backward of this process's shard of a global batch (the optimizer step is the caller's, so a NaN/Inf step
+    """The training step: step_fn(idx [b] indices into the data, gen, narrow=False) → (loss [], gradient norm []) of
+    the main network, and of the narrow guide network on the same batch (when `narrow`; else None), after forward
+    and backward of this process's shard of a global batch (the optimizer steps are the caller's, so a NaN/Inf step
     can be skipped). DDP averages the gradients during backward."""
     tcfg, world, rank = cfg.train, dist.world_size(), dist.rank()
     local = tcfg.batch_size // world
     shard = slice(rank * local, (rank + 1) * local)  # this process's part of every global batch
 
-    def model_step(x, t, noise, cond, drop):
-        with autocast(device):
-            terms = diffusion.training_losses(lambda xt, tt: nets.ddp(xt, tt, cond, drop), x, t, noise)
-        loss = terms["loss"].mean()
-        nets.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        params = nets.model.parameters()
-        if tcfg.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
-        else:
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-        return loss.detach(), grad_norm.detach()
+    def loss_and_grads(n):
+        def model_step(x, t, noise, cond, drop):
+            with autocast(device):
+                terms = diffusion.training_losses(lambda xt, tt: n.ddp(xt, tt, cond, drop), x, t, noise)
+            loss = terms["loss"].mean()
+            n.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            params = n.model.parameters()
+            if tcfg.grad_clip > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
+            else:
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            return loss.detach(), grad_norm.detach()
 
-    compiled = torch.compile(model_step) if tcfg.compile else model_step
+        return torch.compile(model_step) if tcfg.compile else model_step
 
-    def step_fn(idx, gen):
+    main = loss_and_grads(nets)
+    guide = None if nets.narrow is None else loss_and_grads(nets.narrow)
+
+    def step_fn(idx, gen, narrow=False):
         x = data_mod.to_float(data.images[idx])
         flip, t, noise, drop = (None if r is None else r[shard]
                                 for r in batch_randomness(diffusion, cfg, gen, tcfg.batch_size, device))
         if flip is not None:
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-        return compiled(x, t, noise, None if data.labels is None else data.labels[idx], drop)
+        batch = (x, t, noise, None if data.labels is None else data.labels[idx], drop)
+        return main(*batch), guide(*batch) if narrow else None
 
     return step_fn
 
@@ -133,18 +154,22 @@ def budget_probe(run, nets, diffusion):
     cfg, device, data = run.cfg, run.device, run.data
 
     def probe():
-        copy = make_nets(cfg, deepcopy(nets.model), device)
+        copy = make_nets(cfg, deepcopy(nets.model), device, nets.narrow and deepcopy(nets.narrow.model))
         step_fn, gen = make_step(cfg, copy, diffusion, data, device), torch.Generator(device).manual_seed(0)
 
-        def one_step():
+        def one_step(narrow=False):
             step_fn(torch.randint(0, data.images.shape[0], (cfg.train.batch_size,), generator=gen, device=device),
-                    gen)
-            copy.opt.step()
-            copy.ema.update(copy.model, 0)
+                    gen, narrow)
+            for n in (copy, copy.narrow) if narrow else (copy,):
+                n.opt.step()
+                n.ema.update(n.model, 0)
 
         sync = budget.sync_for(device)
+        step_s = budget.seconds_per_call(one_step, sync=sync)
+        if copy.narrow is not None:  # the guide network trains until the snapshot: guide_at of the steps
+            step_s += cfg.train.guide_at * (budget.seconds_per_call(lambda: one_step(True), sync=sync) - step_s)
         grid = lambda: grid_images(copy.ema.model, diffusion, cfg, data.label_info, device)  # noqa: E731
-        return budget.seconds_per_call(one_step, sync=sync), budget.seconds_per_call(grid, 1, 0, sync)
+        return step_s, budget.seconds_per_call(grid, 1, 0, sync)
 
     return probe
 
@@ -161,15 +186,15 @@ def train(cfg, out, device, log=say, skip_nonfinite=False):
     tcfg = cfg.train
     torch.manual_seed(tcfg.seed)
     data = run.load_data()
-    with run.memory_guard():
-        model = build_unet(cfg, data.label_info).to(device)
-    torch.manual_seed(tcfg.seed + dist.rank())  # dropout: each process its own masks (the weights are identical)
     with run.memory_guard():  # too big to build: one line naming the sizes to lower
-        diffusion, nets = build_diffusion(cfg), make_nets(cfg, model, device)
+        model = build_unet(cfg, data.label_info).to(device)
+        narrow = build_guide(cfg, data.label_info).to(device) if tcfg.guide_channels else None
+    torch.manual_seed(tcfg.seed + dist.rank())  # dropout: each process its own masks (the weights are identical)
+    with run.memory_guard():
+        diffusion, nets = build_diffusion(cfg), make_nets(cfg, model, device, narrow)
     steps = budget.fix_length(run, clock, budget_probe(run, nets, diffusion))
     run.cfg = replace(cfg, train=replace(tcfg, steps=steps))
-    models = dict(model=nets.model, ema=nets.ema, guide=nets.guide)
-    with run.begin(models, dict(opt=nets.opt)) as step, StopSignals() as signals:
+    with run.begin(*nets.checkpointed()) as step, StopSignals() as signals:
         _loop(run, step, signals, nets, diffusion)
     return run
 
@@ -195,14 +220,19 @@ def _loop(run, step, signals, nets, diffusion):
     loss_sum = torch.zeros((), device=device)  # accumulated on the device: no host sync until a report
     t0, n_since, n_updates = time.perf_counter(), 0, 0
     while step < tcfg.steps:
-        for group in nets.opt.param_groups:
-            group["lr"] = lr_at(step, tcfg)
-        loss, grad_norm = step_fn(run.batches.next().to(device), run.gen)
+        # The narrow guide network (if any) trains on the same batches until its snapshot is taken.
+        trained = [nets] + ([nets.narrow] if nets.narrow is not None and not nets.guide.taken else [])
+        for n in trained:
+            for group in n.opt.param_groups:
+                group["lr"] = lr_at(step, tcfg)
+        (loss, grad_norm), guide_out = step_fn(run.batches.next().to(device), run.gen, len(trained) > 1)
+        values = (loss, grad_norm, *(guide_out or ()))
         if not skip_nonfinite:
-            guard.record(step + 1, loss, grad_norm)
-        if not skip_nonfinite or guard.step_ok(loss, grad_norm):
-            nets.opt.step()
-            nets.ema.update(nets.model, step)
+            guard.record(step + 1, *values)
+        if not skip_nonfinite or guard.step_ok(*values):
+            for n in trained:
+                n.opt.step()
+                n.ema.update(n.model, step)
             loss_sum += loss
             n_updates += 1
         step += 1
@@ -210,8 +240,9 @@ def _loop(run, step, signals, nets, diffusion):
         if step == keep_at and not nets.guide.taken:
             # Only at this step: a run resumed past it without one (an older checkpoint) gets no snapshot rather
             # than one of another age.
-            nets.guide.take(nets.ema, step)
-            log(f"kept the EMA weights of step {step} as the autoguidance model")
+            nets.guide.take(nets.ema if nets.narrow is None else nets.narrow.ema, step)
+            log(f"kept the {'narrow guide network' if nets.narrow else 'EMA weights'}'s EMA of step {step} as the "
+                "autoguidance model")
 
         report, grid, save, stop = run.due(step, signals)
         if report:
