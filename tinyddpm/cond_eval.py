@@ -10,8 +10,8 @@ compares like with like. The accuracy is i-CLEVR's (`evaluator.iclevr_accuracy`)
 the share of the evaluator's k top labels that were asked for, over all objects of all images.
 
 Chance level: if the evaluator ranked the 24 labels at random, independently of the image, an image of k objects
-would score k/24 on average, so chance is Σk² / (24·Σk) over the list (12.1 % for the full list: 223 sets of 3 objects, 33 of 2). w = 0 (the
-unconditional model, same seeds) is the measured version of that baseline.
+would score k/24 on average, so chance is Σk² / (24·Σk) over the list (12.1 % for the full list: 223 sets of 3
+objects, 33 of 2). w = 0 (the unconditional model, same seeds) is the measured version of that baseline.
 
 The evaluator must have been trained at the model's image size: we refuse rather than resize, because resizing
 changes what the evaluator sees and so the figure. Writes <--out>/eval_grid_w<w>.png (the first GRID_IMAGES
