@@ -10,8 +10,9 @@ import numpy as np, torch
 sys.path.insert(0, ".")
 from tinyddpm import fusion
 from tinyddpm.data import load_cifar10
-from tinyddpm.generate import LoadedModel
+from tinyddpm.generate import LoadedModel, SamplingOptions
 from tinyddpm.imageio import to_pixels
+from tinyddpm.samplers import SamplerOptions
 
 CIFAR = ".cache/cifar"
 mode, ckpt = sys.argv[1], sys.argv[2]
@@ -25,15 +26,13 @@ as_float = lambda u8: torch.from_numpy(u8).permute(0, 3, 1, 2).float().div(127.5
 t0 = time.time()
 if mode == "psnr":
     x = as_float(test[:n])
-    for clip in (True, False):
-        ps = []
-        for i in range(0, n, 2):      # pairs (0,1), (2,3), ...: both are endpoints of one interpolation
-            frames, _ = fusion.interpolate(gen, x[i], x[i + 1], 2, steps=steps, clip_x0=clip)
-            f8 = to_pixels(frames)
-            ps += [fusion.psnr(f8[0], test[i]), fusion.psnr(f8[1], test[i + 1])]
-        print(f"clip_x0={clip}: endpoint PSNR over {n} test cats, {steps} inversion + {steps} decoding steps: "
-              f"mean {np.mean(ps):.2f} dB, min {np.min(ps):.2f}, max {np.max(ps):.2f} "
-              f"({time.time() - t0:.0f}s)", flush=True)
+    ps, opts = [], SamplingOptions(sampler=SamplerOptions("ddim", steps))
+    for i in range(0, n, 2):      # pairs (0,1), (2,3), ...: both are endpoints of one interpolation
+        frames, _ = fusion.interpolate(gen, x[i], x[i + 1], fusion.InterpolationOptions(frames=2), opts)
+        f8 = to_pixels(frames)
+        ps += [fusion.psnr(f8[0], test[i]), fusion.psnr(f8[1], test[i + 1])]
+    print(f"endpoint PSNR over {n} test cats, {steps} inversion + {steps} decoding steps: mean {np.mean(ps):.2f} "
+          f"dB, min {np.min(ps):.2f}, max {np.max(ps):.2f} ({time.time() - t0:.0f}s)", flush=True)
 else:
     # Fusion k blends test cats k and (k + 1) mod 1000 (1,000 distinct pairs, each cat once as A and once as B)
     # at λ = 0.5 from t = T/2 with shared noise and seed k, then DDIM back to 0: the same call as --fuse.
@@ -51,8 +50,9 @@ else:
         ks = list(range(k0, min(n, k0 + B)))
         a, b = x[[pairs[k][0] for k in ks]], x[[pairs[k][1] for k in ks]]
         eps, _ = fusion.forward_noise(ks, a.shape[1:])
-        x_t = fusion.mix_noised(gen.diffusion, a, b, torch.full((len(ks),), 0.5), t, eps, eps)
-        out.append(gen.sample(ks, None, "ddim", steps, eta, 1.0, True, x_start=x_t, t_start=t).cpu())
+        x_t = fusion.mix_noised(gen.diffusion, (a, b), torch.full((len(ks),), 0.5), t, (eps, eps))
+        opts = SamplingOptions(sampler=SamplerOptions("ddim", steps, eta=eta))
+        out.append(gen.sample(ks, None, opts, x_start=x_t, t_start=t).cpu())
         print(f"{ks[-1] + 1}/{n} fusions ({time.time() - t0:.0f}s)", flush=True)
     fused = to_pixels(torch.cat(out))  # uint8 [n, 32, 32, 3]
     np.save("/tmp/fusions.npy", fused)

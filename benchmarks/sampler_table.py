@@ -66,21 +66,21 @@ def plan(args):
     return rows
 
 
-def run_row(gen, base_argv, label, sampler, steps, opts, out):
-    """One `sample.py --report` on the loaded model; returns its report.json with the row's settings added."""
+def run_row(loaded, base_argv, label, sampler, steps, opts, out):
+    """One `sample.py --report` on the loaded model (its flags resolved as sample.py resolves them); returns its
+    report.json with the row's settings added."""
     import sample
-    from tinyddpm import report, samplers
+    from tinyddpm.cli.common import sampling_options
+    from tinyddpm.cli.quality import report_request
+    from tinyddpm.report import REPORT_N, run_report
+    from tinyddpm.samplers import model_calls
 
     args = sample.build_parser().parse_args([*base_argv, "--out", out])
-    args.sampler, args.steps = sampler, steps
-    args.eta = opts.get("eta", 0.0)
-    for k in ("spacing", "churn"):  # sample.py's --spacing / --churn (None: the default)
-        setattr(args, k, opts.get(k))
-    mode = sample.check_args(args, gen)
-    report.run(args, gen, sample.sampling_options(args, gen, mode))
-    with open(os.path.join(out, "report.json")) as f:
-        summary = json.load(f)
-    calls = samplers.model_calls(sampler, gen.diffusion, steps or 1, spacing=opts.get("spacing", "uniform"))
+    args.sampler, args.steps, args.eta, args.spacing, args.churn = (sampler, steps, opts.get("eta"),
+                                                                     opts.get("spacing"), opts.get("churn"))
+    options = sampling_options(args, loaded, n=REPORT_N)
+    summary = run_report(loaded, report_request(args), options, out)
+    calls = model_calls(options.sampler, loaded.diffusion)
     r = summary["results"][0]
     return dict(row=label, sampler=sampler, steps=summary["steps"], model_calls=calls, **opts, fid=r["fid"],
                 floor=r["floor"], ratio=r["ratio"], generate_seconds=r["generate_seconds"], n=summary["n"])
@@ -174,7 +174,7 @@ def main(argv=None):
     if not args.ckpt:
         raise UserError("--ckpt is required (or --smoke for the toy-size run)")
     try:
-        gen = LoadedModel(args.ckpt, resolve_device(args.device))
+        loaded = LoadedModel(args.ckpt, resolve_device(args.device))
         base = ["--ckpt", args.ckpt, "--report", "--n", str(args.n), "--batch-size", str(args.batch_size),
                 "--device", args.device, *extra]
         results = []
@@ -185,11 +185,11 @@ def main(argv=None):
             key = dict(ckpt=os.path.abspath(args.ckpt), ckpt_size=os.path.getsize(args.ckpt),
                        ckpt_mtime_ns=os.stat(args.ckpt).st_mtime_ns, n=args.n, sampler=sampler, steps=steps,
                        opts=opts, report_args=extra, batch_size=args.batch_size)
-            results.append(cached_row(folder, key, lambda: run_row(gen, base, label, sampler, steps, opts, folder)))
+            results.append(cached_row(folder, key, lambda: run_row(loaded, base, label, sampler, steps, opts, folder)))
     finally:
         inception.load_inception = real_inception
     table = markdown(results, args.n, args.calls)
-    summary = dict(ckpt=args.ckpt, step=gen.step, n=args.n, calls=args.calls, device=str(gen.device),
+    summary = dict(ckpt=args.ckpt, step=loaded.step, n=args.n, calls=args.calls, device=str(loaded.device),
                    smoke=args.smoke, rows=results)
     atomic_write_bytes(os.path.join(args.out, "sampler_table.json"), (json.dumps(summary, indent=2) + "\n").encode())
     atomic_write_bytes(os.path.join(args.out, "sampler_table.md"), table.encode())

@@ -32,17 +32,21 @@ def wanted(args):
     return bool(args.report or flags_given(args, REPORT_ONLY))
 
 
+def report_request(args):
+    """The report's own flags as a ReportOptions."""
+    return ReportOptions(ref=args.ref, data_dir=args.data_dir, inception_weights=args.inception_weights,
+                         cache_dir=args.cache_dir, skip_bad=bool(args.skip_bad), train_images=args.train_images,
+                         classes=tuple(args.classes or ()))
+
+
 def run(args, loaded):
     """Measure, write report.json / report.md / the images into --out, print the table."""
     if not args.report:
         raise UserError(f"{' '.join(flags_given(args, REPORT_ONLY))} only apply with --report")
     if args.labels:
         raise UserError("--labels is for shapes models; a report on a class model takes --class")
-    request = ReportOptions(ref=args.ref, data_dir=args.data_dir, inception_weights=args.inception_weights,
-                            cache_dir=args.cache_dir, skip_bad=bool(args.skip_bad), train_images=args.train_images,
-                            classes=tuple(args.classes or ()))
     options = sampling_options(args, loaded, n=REPORT_N)
-    summary = run_report(loaded, request, options, args.out, log=say)
+    summary = run_report(loaded, report_request(args), options, args.out, log=say)
     if options.n <= FEATURES:
         say(f"note: FID-{options.n} with {options.n} ≤ {FEATURES} images is biased upwards; compare it only with "
             f"its floor (same N, same reference) and with other FID-{options.n} figures")
