@@ -241,8 +241,8 @@ def _loop(run, step, signals, nets, diffusion):
             # Only at this step: a run resumed past it without one (an older checkpoint) gets no snapshot rather
             # than one of another age.
             nets.guide.take(nets.ema if nets.narrow is None else nets.narrow.ema, step)
-            log(f"kept the {'narrow guide network' if nets.narrow else 'EMA weights'}'s EMA of step {step} as the "
-                "autoguidance model")
+            what = "the narrow guide network's EMA" if nets.narrow else "the EMA weights"
+            log(f"kept {what} of step {step} as the autoguidance model")
 
         report, grid, save, stop = run.due(step, signals)
         if report:
