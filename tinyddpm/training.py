@@ -19,12 +19,12 @@ from . import distributed as dist
 from .devices import autocast
 from .ema import EMA, Snapshot
 from .errors import UserError
+from .guidance import classifier_free
 from .imageio import make_grid, save_png, to_pixels
 from .models import build_diffusion, build_guide, build_unet, grid_condition
-from .guidance import classifier_free
 from .runs import Run, say, throughput
-from .stopping import StopSignals
 from .samplers import ImageNoise, SamplerOptions, sample
+from .stopping import StopSignals
 
 
 def lr_at(step, tcfg):
