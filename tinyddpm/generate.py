@@ -84,7 +84,9 @@ class LoadedModel:
             if self.kind == "ddpm":
                 self.net, self.diffusion = build_unet(self.cfg, self.labels), build_diffusion(self.cfg)
                 snapshot = ckpt["models"].get("guide")
-                guide_net = build_guide(self.cfg, self.labels)  # the network or its narrow guide (--guide-channels)
+                # The network the snapshot fits (the model's own, or the narrow guide of --guide-channels); built
+                # only when there is a snapshot to check (an empty or missing one is None before `like` is read).
+                guide_net = build_guide(self.cfg, self.labels) if snapshot else None
                 try:
                     self.guide_step = check_snapshot(snapshot, guide_net)  # names, shapes, finite values, step ≥ 1
                 except ValueError as e:
