@@ -24,8 +24,8 @@ from .sources import MIN_IMAGES, check_statistics, load_statistics, resolve_sour
 PROGRESS_EVERY_S = 5.0  # seconds between progress lines on stderr
 PROBE_SHAPE = (1, 3, 8, 8)  # one blank image, enough to learn how many features a network gives
 # Images per Inception forward on a CPU, whatever batch generated them: at 50 (pytorch-fid's and fid.py's default)
-# the 299 px activations stay cache-sized, and the features come 1.6× faster than at the report's sampling batch
-# of 250 (26 vs 16 img/s on 2 cores, same features to the bit). A GPU keeps the caller's batch.
+# the 299 px activations stay cache-sized, so the features come faster than at the report's sampling batch, and
+# the same to the bit (measured: docs/speed.md). A GPU keeps the caller's batch.
 CPU_FEATURE_BATCH = 50
 CACHE_VERSION = "measurement-1"  # part of every cache key: bump it when an entry's contents change meaning
 
