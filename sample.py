@@ -44,6 +44,9 @@ def build_parser():
                    help=f"autoguidance w: the final weights pushed away from the early snapshot train.py keeps; 1 = "
                         f"off (default {DEFAULT_AUTOGUIDANCE:g} when the checkpoint has a snapshot, "
                         f"{CLASS_AUTOGUIDANCE:g} for a class-conditional one, else 1; --fuse/--interpolate: 1)")
+    p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="guide (--cfg-scale, --autoguidance) only at noise levels LO < σ ≤ HI (Kynkäänniemi et al. "
+                        "2024; HI may be inf), the plain model elsewhere (default: every level; docs/recipe.md)")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i (0 … 2**63 − 1)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="images per forward pass")
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")

@@ -15,8 +15,8 @@ from tinyddpm.config import GUIDE_AT, build_config
 from tinyddpm.errors import UserError, run_cli
 from tinyddpm.files import atomic_torch_save
 from tinyddpm.generate import CLASS_AUTOGUIDANCE, DEFAULT_AUTOGUIDANCE, LoadedModel, SamplingOptions
-from tinyddpm.guidance import autoguided
-from tinyddpm.samplers import SamplerOptions
+from tinyddpm.guidance import autoguided, limited
+from tinyddpm.samplers import SamplerOptions, noise_levels
 
 CPU = torch.device("cpu")
 
@@ -236,3 +236,84 @@ def test_a_narrow_guide_needs_a_snapshot_and_a_valid_width(tmp_path, capsys, fla
     code, _, err = run_script(train, argv, capsys)
     assert_user_error(code, err, *words)
     assert not (tmp_path / "x").exists()
+
+
+# --- guidance in a limited interval of noise levels (--guidance-interval) ---------------------------------------
+
+def test_limited_is_guided_inside_and_plain_outside_per_image():
+    guided = lambda x, t: x * 2.0
+    plain = lambda x, t: (x + 1.0).to(torch.bfloat16)          # a bf16 network output is cast to float32
+    x, t = torch.randn(3, 3, 4, 4), torch.tensor([1.0, 5.0, 9.0])
+    fn = limited(guided, plain, lambda t: t > 4.0)
+    out = fn(x, t)
+    assert out.dtype == torch.float32
+    assert torch.equal(out[0], (x[0] + 1.0).to(torch.bfloat16).float())
+    assert torch.equal(out[1:], x[1:] * 2.0)
+    assert torch.equal(fn(x, torch.full((3,), 7.0)), x * 2.0)
+    assert torch.equal(fn(x, torch.zeros(3)), (x + 1.0).to(torch.bfloat16).float())
+
+
+def test_the_interval_is_in_noise_levels_sigma(runs):
+    _, long, _ = runs
+    gen = LoadedModel(str(long), CPU)
+    x = torch.randn(1, 3, 16, 16)
+    assert gen.diffusion.num_timesteps == 100                  # MICRO_FLAGS; σ increases with t
+    lo, hi = float(gen.diffusion.sigma(20.0)), float(gen.diffusion.sigma(40.0))
+    fn = gen.network_fn(None, 1.0, 3.0, (lo, hi))
+    with torch.no_grad():
+        for t, guided in ((30.0, True), (90.0, False), (10.0, False), (20.0, False), (40.0, True)):  # (LO, HI]
+            tt = torch.tensor([t])
+            want = gen.network_fn(None, 1.0, 3.0)(x, tt) if guided else gen.net(x, tt)
+            assert torch.allclose(fn(x, tt), want, atol=1e-6), t
+    everywhere = gen.images(None, options(2, 3, autoguidance=3.0))
+    assert np.array_equal(gen.images(None, options(2, 3, autoguidance=3.0, guidance_interval=(0.0, float("inf")))),
+                          everywhere)
+    nowhere = gen.images(None, options(2, 3, autoguidance=3.0, guidance_interval=(1e6, float("inf"))))
+    assert np.array_equal(nowhere, gen.images(None, options(2, 3)))
+    _, sigmas = noise_levels(gen.diffusion, 3, gen.diffusion.num_timesteps - 1)  # the 3 calls' σ, decreasing
+    part = gen.images(None, options(2, 3, autoguidance=3.0, guidance_interval=(float(sigmas[1]), float("inf"))))
+    assert not np.array_equal(part, everywhere) and not np.array_equal(part, nowhere)
+
+
+def test_sample_py_takes_the_interval_and_the_report_names_it(runs, capsys):
+    from tinyddpm.report import markdown
+
+    tmp, long, _ = runs
+    out = tmp / "s-interval"
+    code, _, err = run_script(sample, ["--ckpt", str(long), "--n", "2", "--steps", "3", "--out", str(out),
+                                       "--guidance-interval", "1", "inf", "--device", "cpu"], capsys)
+    assert code == 0, err
+    got = np.stack([np.asarray(Image.open(out / f"00000{i}.png")) for i in range(2)])
+    gen = LoadedModel(str(long), CPU)
+    want = gen.images(None, options(2, 3, autoguidance=DEFAULT_AUTOGUIDANCE, guidance_interval=(1.0, float("inf"))))
+    assert np.array_equal(got, want)
+    result = dict(condition=None, reference="cifar10:cat:test", fid=84.4, floor=48.0, ratio=1.76, kid=None,
+                  floor_kid=None, precision=None, floor_precision=None, recall=None, floor_recall=None,
+                  memorisation=None, seconds=1.0)
+    summary = dict(model="ddpm", sampler="dpmpp-2m-sde", steps=50, eta=0.0, cfg_scale=None, autoguidance=2.0,
+                   guide_step=892, guidance_interval="(0.28, inf]", ckpt="ckpt.pt", step=3570, n=1000,
+                   results=[result])
+    assert "autoguidance 2 (step 892), guided at σ in (0.28, inf]" in markdown(summary)
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--guidance-interval", "5", "1"], ["--guidance-interval", "LO < HI", "5 1"]),
+    (["--guidance-interval", "1", "1"], ["--guidance-interval", "LO < HI"]),
+    (["--guidance-interval", "-1", "1"], ["--guidance-interval", "at least 0"]),
+    (["--guidance-interval", "nan", "1"], ["--guidance-interval", "number"]),
+    (["--guidance-interval", "0.3", "inf", "--autoguidance", "1"], ["--guidance-interval", "none is on"]),
+    (["--guidance-interval", "0.3", "inf", "--bpd"], ["--guidance-interval", "--bpd"]),
+])
+def test_interval_refusals(runs, capsys, flags, words):
+    tmp, long, _ = runs
+    code, _, err = run_script(sample, ["--ckpt", str(long), "--out", str(tmp / "refused"), "--device", "cpu",
+                                       *flags], capsys)
+    assert_user_error(code, err, *words)
+    assert not (tmp / "refused").exists()
+
+
+def test_a_checkpoint_without_snapshot_refuses_the_interval_without_cfg(runs, capsys):
+    tmp, _, short = runs
+    code, _, err = run_script(sample, ["--ckpt", str(short), "--n", "1", "--steps", "2", "--out", str(tmp / "r2"),
+                                       "--guidance-interval", "0.3", "inf", "--device", "cpu"], capsys)
+    assert_user_error(code, err, "--guidance-interval", "none is on")

@@ -204,14 +204,16 @@ def interpolate(loaded, a, b, interpolation, options, cond=None, callback=None):
     diffusion, frames = loaded.diffusion, interpolation.frames
     decoder = replace(options.sampler, clip_x0=False)
     inversion = replace(decoder, steps=interpolation.inversion_steps or decoder.calls())
-    fn = loaded.network_fn(_repeat_cond(cond, 2), options.guidance_scale, options.autoguidance)
+    fn = loaded.network_fn(_repeat_cond(cond, 2), options.guidance_scale, options.autoguidance,
+                           options.guidance_interval)
     denoise = Denoiser(diffusion, fn, clip_x0=False)
     latents = ddim_invert(denoise, torch.stack([a, b]).to(loaded.device), levels(inversion, diffusion))
     z = torch.stack([slerp(latents[0], latents[1], float(al)) for al in np.linspace(0.0, 1.0, frames)])
     out = []
     for i in range(0, frames, options.batch_size):
         zb = z[i: i + options.batch_size]
-        fn = loaded.network_fn(_repeat_cond(cond, len(zb)), options.guidance_scale, options.autoguidance)
+        fn = loaded.network_fn(_repeat_cond(cond, len(zb)), options.guidance_scale, options.autoguidance,
+                               options.guidance_interval)
         denoise = Denoiser(diffusion, fn, clip_x0=False)
         # η = 0: the noise source is never drawn from; the sampler takes one all the same.
         noise = ImageNoise([0] * len(zb), a.shape, loaded.device)

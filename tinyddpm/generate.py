@@ -1,12 +1,13 @@
 """Generating images from a checkpoint: rebuild the networks, resolve the condition, run a sampler in batches.
 
 `LoadedModel` is a checkpoint ready to sample (diffusion or DCGAN); `SamplingOptions` says how images are drawn
-(how many, their seeds, the batch, the sampler and the two guidances), checked once. Image i uses seed `seed + i`,
+(how many, their seeds, the batch, the sampler, the two guidances and the noise levels they act at), checked once. Image i uses seed `seed + i`,
 so it is the same image whatever the batch size, and `LoadedModel.batches` makes them one batch at a time: N images
 need the memory of one batch, not of N. Every mode of sample.py goes through `LoadedModel.sample`, which never
 returns a non-finite image.
 """
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ from .cpu import follow_free_cores
 from .devices import autocast
 from .ema import check_snapshot
 from .errors import UserError
-from .guidance import autoguided, classifier_free
+from .guidance import autoguided, classifier_free, limited
 from .imageio import to_pixels
 from .models import build_diffusion, build_gan, build_guide, build_unet
 from .samplers import ImageNoise, SamplerOptions, sample as run_sampler
@@ -42,6 +43,9 @@ class SamplingOptions:
     guidance_scale: float = field(default=1.0, metadata=dict(min=0.0, flag="--cfg-scale",
                                                              help="classifier-free w: 0 unconditional, 1 plain"))
     autoguidance: float = field(default=1.0, metadata=dict(min=0.0, help="autoguidance w: 1 off, >1 stronger"))
+    # (LO, HI]: both guidances act only at noise levels σ in it, the plain model elsewhere (None: at every level).
+    guidance_interval: Optional[tuple] = field(default=None, metadata=dict(
+        type=float, min=0.0, finite=False, min_items=2, help="σ interval (LO, HI] where guidance acts"))
 
     def check(self, loaded):
         """Every value, once, and what spans fields or depends on the checkpoint `loaded` (a LoadedModel)."""
@@ -52,7 +56,19 @@ class SamplingOptions:
         if loaded.kind == "ddpm":
             self.sampler.check(loaded.diffusion.num_timesteps)
             loaded.check_autoguidance(self.autoguidance)
+        if self.guidance_interval is not None:
+            self.check_interval()
         return self
+
+    def check_interval(self):
+        lo, hi, *more = self.guidance_interval
+        if more or not lo < hi:
+            shown = " ".join(f"{v:g}" for v in self.guidance_interval)
+            raise UserError(f"--guidance-interval takes two noise levels LO < HI (got {shown}), e.g. "
+                            "--guidance-interval 0.28 inf")
+        if self.guidance_scale == 1.0 and self.autoguidance == 1.0:
+            raise UserError("--guidance-interval limits guidance, but none is on (--cfg-scale 1 and --autoguidance "
+                            "1, or a checkpoint without a snapshot): drop it, or turn a guidance on")
 
     def seeds(self):
         """The per-image seeds, lazily: a range, so --n 10**9 costs nothing until each batch is made."""
@@ -149,16 +165,24 @@ class LoadedModel:
                             "this checkpoint has none (a DCGAN, --guide-at 0, a run shorter than the snapshot step, "
                             "or an older tinyddpm): drop --autoguidance")
 
-    def network_fn(self, cond, guidance_scale=1.0, autoguidance=1.0):
+    def network_fn(self, cond, guidance_scale=1.0, autoguidance=1.0, interval=None):
         """The function a sampler calls, fn(x [B, C, H, W], t [B]) → output: classifier-free guidance (w =
         guidance_scale) of each network, then autoguidance (w = autoguidance) of the final one against the early
-        snapshot (tinyddpm/guidance.py)."""
+        snapshot (tinyddpm/guidance.py); with `interval` (LO, HI), both only where LO < σ(t) ≤ HI."""
         cond = None if cond is None else cond.to(self.device)
         fn = classifier_free(self.net, cond, guidance_scale)
-        if autoguidance == 1.0:
+        if autoguidance != 1.0:
+            self.check_autoguidance(autoguidance)
+            fn = autoguided(fn, classifier_free(self.guide_net, cond, guidance_scale), autoguidance)
+        if interval is None:
             return fn
-        self.check_autoguidance(autoguidance)
-        return autoguided(fn, classifier_free(self.guide_net, cond, guidance_scale), autoguidance)
+        lo, hi = interval
+
+        def active(t):  # t [B] → [B] bool on t's device; σ(t) in float64, as the samplers compute it
+            sigma = torch.from_numpy(self.diffusion.sigma(t.detach().cpu().double().numpy()))
+            return ((sigma > lo) & (sigma <= hi)).to(t.device)
+
+        return limited(fn, classifier_free(self.net, cond, 1.0), active)
 
     # --- sampling -------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -171,7 +195,7 @@ class LoadedModel:
             z = sample_z(seeds, self.cfg.gan.z_dim).to(self.device)
             x = self.net(z, None if cond is None else cond.to(self.device)).float()
         else:
-            fn = self.network_fn(cond, options.guidance_scale, options.autoguidance)
+            fn = self.network_fn(cond, options.guidance_scale, options.autoguidance, options.guidance_interval)
 
             def followed(x, t):  # a report samples for minutes: follow a neighbour that starts or stops meanwhile
                 follow_free_cores()

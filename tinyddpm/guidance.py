@@ -1,6 +1,6 @@
 """Guidance as wrappers of the network function `fn(x, t) -> output` that a diffusion.Denoiser calls: classifier-free
-guidance (Ho & Salimans 2022) and autoguidance (Karras et al. 2024). A wrapped function looks like one network to
-the denoiser and to every sampler.
+guidance (Ho & Salimans 2022) and autoguidance (Karras et al. 2024), optionally only within an interval of noise
+levels (Kynkäänniemi et al. 2024). A wrapped function looks like one network to the denoiser and to every sampler.
 
 They mix the networks' outputs, whatever the objective (ε, x0 or v): the conversion to x0 is linear in the output,
 so this equals mixing the x0 predictions, and the clip to [−1, 1] comes after the mix. Only the mean part of an
@@ -53,5 +53,23 @@ def autoguided(good, bad, w):
     def fn(x, t):
         out_good = good(x, t)
         return _mix(bad(x, t), out_good, w, x.shape[1])
+
+    return fn
+
+
+def limited(guided, plain, active):
+    """fn(x, t): `guided` at the noise levels where active(t) [B] (bool) holds and `plain` (the unguided network)
+    elsewhere: guidance applied in a limited interval (Kynkäänniemi et al. 2024, "Applying guidance in a limited
+    interval improves sample and distribution quality in diffusion models"). Outside it only one network runs.
+
+    A sampler shows every image the same t, so one of the first two branches is taken; a batch that mixes levels
+    gets each image's own choice."""
+    def fn(x, t):
+        on = active(t)
+        if bool(on.all()):
+            return guided(x, t)
+        if not bool(on.any()):
+            return plain(x, t).float()  # float32 like a guided output
+        return torch.where(on.view(-1, *([1] * (x.dim() - 1))), guided(x, t), plain(x, t).float())
 
     return fn

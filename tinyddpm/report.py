@@ -191,7 +191,10 @@ def _settings(options, loaded):
                 steps=loaded.diffusion.num_timesteps if sampler.name == "ddpm" else sampler.calls(),
                 eta=sampler.eta, cfg_scale=None if loaded.labels["kind"] == "none" else options.guidance_scale,
                 spacing=sampler.spacing, churn=sampler.churn, autoguidance=options.autoguidance,
-                guide_step=loaded.guide_step if options.autoguidance != 1.0 else None)
+                guide_step=loaded.guide_step if options.autoguidance != 1.0 else None,
+                # a string, since HI may be inf and strict JSON has no infinity
+                guidance_interval=None if options.guidance_interval is None
+                else "({:g}, {:g}]".format(*options.guidance_interval))
 
 
 def _read_references(rows, data_dir, n):
@@ -303,7 +306,8 @@ def markdown(summary):
         + (f", churn {summary['churn']:g}" if summary.get("churn") else "")
         + (f", autoguidance {summary['autoguidance']:g} (step {summary['guide_step']})"
            if summary.get("autoguidance", 1.0) != 1.0 else "")
-        + ("" if summary["cfg_scale"] is None else f", w = {summary['cfg_scale']:g}"))
+        + ("" if summary["cfg_scale"] is None else f", w = {summary['cfg_scale']:g}")
+        + ("" if summary.get("guidance_interval") is None else f", guided at σ in {summary['guidance_interval']}"))
     lines = ["| checkpoint | step | sampling | condition | N | reference | FID | floor | FID / floor "
              "| KID ×1e3 | floor KID ×1e3 | precision (floor) | recall (floor) | memorised: Inception / pixels "
              "| seconds |",

@@ -13,7 +13,8 @@ from ..samplers import DDIM, SamplerOptions
 
 RUNS_DIR = "runs"  # where train.py puts its run folders, and where sample.py looks when --ckpt is not given
 TRAIN_HINT = "python train.py --dataset cifar --class cat"
-SAMPLING_FLAGS = ("sampler", "steps", "eta", "cfg_scale", "spacing", "churn", "autoguidance")  # diffusion only
+SAMPLING_FLAGS = ("sampler", "steps", "eta", "cfg_scale", "spacing", "churn", "autoguidance",  # diffusion only
+                  "guidance_interval")
 
 
 def say(message):
@@ -94,4 +95,6 @@ def sampling_options(args, loaded, n=DEFAULT_N, sampler=SamplerOptions(), autogu
         autoguidance = loaded.default_autoguidance()
     return SamplingOptions(n=n if args.n is None else args.n, seed=args.seed, batch_size=args.batch_size,
                            sampler=chosen, guidance_scale=1.0 if args.cfg_scale is None else args.cfg_scale,
-                           autoguidance=autoguidance).check(loaded)
+                           autoguidance=autoguidance,
+                           guidance_interval=None if args.guidance_interval is None else tuple(args.guidance_interval)
+                           ).check(loaded)
