@@ -114,6 +114,12 @@ def test_a_checkpoint_without_snapshot_samples_plainly_and_refuses_the_flag(runs
 @pytest.mark.parametrize("flags, words", [
     (["--autoguidance", "-1"], ["autoguidance"]),
     (["--autoguidance", "2", "--bpd"], ["--autoguidance", "--bpd"]),
+    (["--guidance-interval", "5", "1"], ["--guidance-interval", "LO < HI", "5 1"]),
+    (["--guidance-interval", "1", "1"], ["--guidance-interval", "LO < HI"]),
+    (["--guidance-interval", "-1", "1"], ["--guidance-interval", "at least 0"]),
+    (["--guidance-interval", "nan", "1"], ["--guidance-interval", "number"]),
+    (["--guidance-interval", "0.3", "inf", "--autoguidance", "1"], ["--guidance-interval", "none is on"]),
+    (["--guidance-interval", "0.3", "inf", "--bpd"], ["--guidance-interval", "--bpd"]),
 ])
 def test_sample_refusals(runs, capsys, flags, words):
     tmp, long, _ = runs
@@ -294,22 +300,6 @@ def test_sample_py_takes_the_interval_and_the_report_names_it(runs, capsys):
                    guide_step=892, guidance_interval="(0.28, inf]", ckpt="ckpt.pt", step=3570, n=1000,
                    results=[result])
     assert "autoguidance 2 (step 892), guided at σ in (0.28, inf]" in markdown(summary)
-
-
-@pytest.mark.parametrize("flags, words", [
-    (["--guidance-interval", "5", "1"], ["--guidance-interval", "LO < HI", "5 1"]),
-    (["--guidance-interval", "1", "1"], ["--guidance-interval", "LO < HI"]),
-    (["--guidance-interval", "-1", "1"], ["--guidance-interval", "at least 0"]),
-    (["--guidance-interval", "nan", "1"], ["--guidance-interval", "number"]),
-    (["--guidance-interval", "0.3", "inf", "--autoguidance", "1"], ["--guidance-interval", "none is on"]),
-    (["--guidance-interval", "0.3", "inf", "--bpd"], ["--guidance-interval", "--bpd"]),
-])
-def test_interval_refusals(runs, capsys, flags, words):
-    tmp, long, _ = runs
-    code, _, err = run_script(sample, ["--ckpt", str(long), "--out", str(tmp / "refused"), "--device", "cpu",
-                                       *flags], capsys)
-    assert_user_error(code, err, *words)
-    assert not (tmp / "refused").exists()
 
 
 def test_a_checkpoint_without_snapshot_refuses_the_interval_without_cfg(runs, capsys):
