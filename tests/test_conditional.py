@@ -183,6 +183,28 @@ def test_eval_labels_conditions_follow_the_held_out_list(shapes_ckpt, evaluator3
     assert "accuracy: " in out and f"on {n} images" in out
 
 
+def test_eval_labels_sweep_takes_a_guidance_interval(shapes_ckpt, evaluator32, tmp_path, monkeypatch, capsys):
+    """The sweep's own scales are the guidance: the interval is checked against them, not against --cfg-scale's
+    default of 1, and reaches every scale's sampling."""
+    calls = []
+
+    def fake_images(self, cond, options, callback=None):
+        calls.append((options.guidance_scale, options.guidance_interval))
+        return np.zeros((options.n, 32, 32, 3), np.uint8)
+
+    monkeypatch.setattr(LoadedModel, "images", fake_images)
+    argv = ["--ckpt", str(shapes_ckpt), "--eval-labels", "--evaluator", str(evaluator32), "--autoguidance", "1",
+            "--guidance-interval", "0.3", "inf", "--out", str(tmp_path / "e"), "--device", "cpu", "--cfg-sweep"]
+    code, _, err = run_script(sample, argv + ["1", "2"], capsys)
+    assert code == 0, err
+    assert calls == [(1, (0.3, float("inf"))), (2, (0.3, float("inf")))]
+    refused = tmp_path / "refused"
+    argv[argv.index("--out") + 1] = str(refused)
+    code, _, err = run_script(sample, argv + ["1"], capsys)       # a sweep of w = 1 alone guides nothing
+    assert_user_error(code, err, "--guidance-interval", "none is on")
+    assert not refused.exists()
+
+
 @pytest.mark.parametrize("extra, says", [
     ([], ["needs --evaluator", "python -m tinyddpm.evaluator --out runs/evaluator.pt --size 32"]),
     (["--evaluator", "MISSING"], ["does not exist", "--size 32"]),

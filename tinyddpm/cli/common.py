@@ -79,9 +79,10 @@ def check_flags(args, loaded, mode):
         raise UserError(f"--n does not apply to {mode}; use {instead}")
 
 
-def sampling_options(args, loaded, n=DEFAULT_N, sampler=SamplerOptions(), autoguidance=None):
+def sampling_options(args, loaded, n=DEFAULT_N, sampler=SamplerOptions(), autoguidance=None, guidance_scale=None):
     """The flags resolved once into a checked SamplingOptions, with the mode's defaults: n images (when --n is not
-    given), the sampler (when --sampler is not given) and the autoguidance w (None: the checkpoint's default)."""
+    given), the sampler (when --sampler is not given) and the autoguidance w (None: the checkpoint's default);
+    guidance_scale, when given, stands in for --cfg-scale (a mode that sets the scale itself)."""
     if args.eta is not None and args.sampler is None:  # η is DDIM's alone: `--eta 1` keeps meaning DDIM
         sampler = DDIM
     name = args.sampler or sampler.name
@@ -94,7 +95,8 @@ def sampling_options(args, loaded, n=DEFAULT_N, sampler=SamplerOptions(), autogu
     elif autoguidance is None:
         autoguidance = loaded.default_autoguidance()
     return SamplingOptions(n=n if args.n is None else args.n, seed=args.seed, batch_size=args.batch_size,
-                           sampler=chosen, guidance_scale=1.0 if args.cfg_scale is None else args.cfg_scale,
+                           sampler=chosen, guidance_scale=guidance_scale if guidance_scale is not None
+                           else 1.0 if args.cfg_scale is None else args.cfg_scale,
                            autoguidance=autoguidance,
                            guidance_interval=None if args.guidance_interval is None else tuple(args.guidance_interval)
                            ).check(loaded)

@@ -36,7 +36,11 @@ def _request(args, loaded):
     if not 1 <= args.n_per_set <= MAX_PER_SET:
         raise UserError(f"--n-per-set must be between 1 and {MAX_PER_SET} (got {args.n_per_set})")
     sets = label_sets(args.n_sets)
-    options = sampling_options(args, loaded, n=args.n_per_set * len(sets))
+    stand_in = None  # a sweep sets each scale itself; one that guides (≠ 1, if any) is checked with the other flags
+    if args.cfg_sweep is not None:
+        check_model(loaded, args.cfg_sweep)
+        stand_in = max(args.cfg_sweep, key=lambda w: w != 1.0)
+    options = sampling_options(args, loaded, n=args.n_per_set * len(sets), guidance_scale=stand_in)
     if args.classes or args.labels:
         raise UserError("--eval-labels uses the fixed held-out label sets; drop --class/--labels")
     if args.cfg_sweep is not None and args.cfg_scale is not None:
