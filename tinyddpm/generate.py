@@ -3,8 +3,8 @@
 `LoadedModel` is a checkpoint ready to sample (diffusion or DCGAN); `SamplingOptions` says how images are drawn
 (how many, their seeds, the batch, the sampler, the two guidances and the noise levels they act at), checked once.
 Image i uses seed `seed + i`, so it is the same image whatever the batch size, and `LoadedModel.batches` makes them
-one batch at a time: N images need the memory of one batch, not of N. Every mode of sample.py goes through `LoadedModel.sample`, which never
-returns a non-finite image.
+one batch at a time: N images need the memory of one batch, not of N. Every mode of sample.py goes through
+`LoadedModel.sample`, which never returns a non-finite image.
 """
 from dataclasses import dataclass, field
 from typing import Optional
