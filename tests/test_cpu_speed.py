@@ -270,7 +270,7 @@ if sys.argv[1] == "heap":
     from tinyddpm.cpu import keep_big_allocations_in_heap
     assert keep_big_allocations_in_heap()
 x = torch.ones(BIG)
-for _ in range(WARMUP):  # warm-up: the heap grows to its working size (5 rounds were sometimes too few on CI)
+for _ in range(WARMUP):  # warm-up: the heap grows to its working size, which can take more than a few rounds
     x = x * 0.5 + 1
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(ITERS):  # each op makes a new tensor and frees the old one, as a network's activations do

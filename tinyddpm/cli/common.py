@@ -94,9 +94,9 @@ def sampling_options(args, loaded, n=DEFAULT_N, sampler=SamplerOptions(), autogu
         autoguidance = args.autoguidance
     elif autoguidance is None:
         autoguidance = loaded.default_autoguidance()
+    if guidance_scale is None:
+        guidance_scale = 1.0 if args.cfg_scale is None else args.cfg_scale
     return SamplingOptions(n=n if args.n is None else args.n, seed=args.seed, batch_size=args.batch_size,
-                           sampler=chosen, guidance_scale=guidance_scale if guidance_scale is not None
-                           else 1.0 if args.cfg_scale is None else args.cfg_scale,
-                           autoguidance=autoguidance,
+                           sampler=chosen, guidance_scale=guidance_scale, autoguidance=autoguidance,
                            guidance_interval=None if args.guidance_interval is None else tuple(args.guidance_interval)
                            ).check(loaded)

@@ -36,10 +36,10 @@ def _request(args, loaded):
     if not 1 <= args.n_per_set <= MAX_PER_SET:
         raise UserError(f"--n-per-set must be between 1 and {MAX_PER_SET} (got {args.n_per_set})")
     sets = label_sets(args.n_sets)
-    stand_in = None  # a sweep sets each scale itself; one that guides (≠ 1, if any) is checked with the other flags
-    if args.cfg_sweep is not None:
-        check_model(loaded, args.cfg_sweep)
-        stand_in = max(args.cfg_sweep, key=lambda w: w != 1.0)
+    scales, stand_in = args.cfg_sweep, None
+    if scales is not None:  # a sweep sets each scale itself; one that guides (≠ 1, if any) is checked with the flags
+        check_model(loaded, scales)
+        stand_in = next((w for w in scales if w != 1.0), 1.0)
     options = sampling_options(args, loaded, n=args.n_per_set * len(sets), guidance_scale=stand_in)
     if args.classes or args.labels:
         raise UserError("--eval-labels uses the fixed held-out label sets; drop --class/--labels")
@@ -47,8 +47,9 @@ def _request(args, loaded):
         raise UserError("give either --cfg-scale W or --cfg-sweep W1 W2 …, not both")
     if loaded.kind != "ddpm" and args.cfg_sweep is not None:
         raise UserError("--cfg-sweep only applies to diffusion models; this checkpoint is a DCGAN")
-    scales = args.cfg_sweep or [options.guidance_scale]
-    check_model(loaded, scales)
+    if scales is None:
+        scales = [options.guidance_scale]
+        check_model(loaded, scales)
     return sets, scales, options
 
 
