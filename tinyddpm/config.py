@@ -55,6 +55,9 @@ class UNetConfig:
     num_heads: int = field(default=1, metadata=dict(min=1, max=MAX_WIDTH, help="attention heads"))
     dropout: float = field(default=0.1, metadata=dict(min=0.0, lt=1.0, help="dropout in residual blocks"))
     scale_shift_norm: bool = field(default=False, metadata=dict(help="FiLM-style GroupNorm (Nichol & Dhariwal)"))
+    cross_attention: bool = field(default=False, metadata=dict(help=(
+        "label sets (--dataset shapes): every attention block also attends over one learned token per label present "
+        "(docs/shapes.md)")))
 
 
 @dataclass
@@ -191,6 +194,10 @@ def validate(cfg, where=None):
         if cfg.train.guide_channels and (cfg.model != "ddpm" or not cfg.train.guide_at):
             raise UserError("--guide-channels trains a guide network for autoguidance: it needs a diffusion model "
                             "and --guide-at > 0")
+        if cfg.unet.cross_attention and not (cfg.model == "ddpm" and cfg.data.dataset == "shapes"
+                                             and cfg.cond.conditional):
+            raise UserError("--cross-attention attends over the labels of a label set: it needs a diffusion model "
+                            "with --dataset shapes --conditional")
         d = cfg.diffusion
         if d.learn_sigma and (d.objective == "edm" or d.train_levels != "uniform"):
             raise UserError("--learn-sigma trains the variance with the VLB at whole timesteps; it does not combine "

@@ -3,6 +3,7 @@
     x [B,C,H,W] ─conv─┬─ Res(+Attn) ×N ─ Down ─ … ─ Mid (Res, Attn, Res) ─ … ─ Up ─ Res(+Attn) ×(N+1) ─ out ─►
                       └─ every down-path output is concatenated onto one up-path block (skip connections) ─┘
     t [B] ─ sinusoid ─ MLP ─(+ condition embedding)─► added (or scale/shift) in every ResBlock
+    label set ─ one token per label (+ null) ─► attended over by every attention block (--cross-attention)
 
 The `ddpm-cifar` preset (128 channels, mults (1, 2, 2, 2), 2 blocks, attention at 16 px) has 35.7 M parameters:
 the CIFAR-10 network of the paper, and the same as diffusers' UNet2DModel at block_out_channels (128, 256, 256, 256).
@@ -136,6 +137,25 @@ class ResBlock(nn.Module):
         return h.add_(self.skip(x))
 
 
+def to_tokens(x):
+    """[B, C, H, W] → [B, HW, C]: a free view when x is channels_last."""
+    B, C, H, W = x.shape
+    return x.permute(0, 2, 3, 1).reshape(B, H * W, C)
+
+
+def heads(tokens, num_heads):
+    """[B, N, C] → [B, heads, N, C/heads], the layout of F.scaled_dot_product_attention."""
+    B, N, C = tokens.shape
+    return tokens.view(B, N, num_heads, C // num_heads).transpose(1, 2)
+
+
+def add_attended(x, h, proj):
+    """The residual of an attention layer: x [B, C, H, W] plus proj of the heads' output h [B, heads, HW, C/heads]."""
+    B, C, H, W = x.shape
+    h = proj(h.transpose(1, 2).reshape(B, H * W, C))
+    return x + h.view(B, H, W, C).permute(0, 3, 1, 2)  # back to [B, C, H, W] (channels_last strides)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention over the H·W positions, with a residual connection."""
 
@@ -147,13 +167,31 @@ class Attention(nn.Module):
         self.proj = zero_(nn.Linear(channels, channels))
 
     def forward(self, x):  # x [B, C, H, W] → same
-        B, C, H, W = x.shape
-        tokens = self.norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C)  # a free view when x is channels_last
-        qkv = self.qkv(tokens).view(B, H * W, 3, self.num_heads, C // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, HW, C/heads]
-        h = F.scaled_dot_product_attention(q, k, v)  # [B, heads, HW, C/heads]
-        h = self.proj(h.transpose(1, 2).reshape(B, H * W, C))
-        return x + h.view(B, H, W, C).permute(0, 3, 1, 2)  # back to [B, C, H, W] (channels_last strides)
+        q, k, v = (heads(a, self.num_heads) for a in self.qkv(to_tokens(self.norm(x))).chunk(3, dim=2))
+        return add_attended(x, F.scaled_dot_product_attention(q, k, v), self.proj)  # h: [B, heads, HW, C/heads]
+
+
+class CrossAttention(nn.Module):
+    """Every image position attends over the condition's tokens (one per label of a label set, plus a null token),
+    with a residual connection, as text-to-image models attend over words. Unlike FiLM's one vector for the whole
+    set, each position can pick the object it draws. `context` = (tokens [B, K+1, D], log_weight [B, K+1]): a
+    label's log weight is log(its multi-hot value), so absent labels (−inf) get no attention and present ones the
+    plain softmax; the null token (weight 1) is always attended, so a dropped or empty set is well defined."""
+
+    def __init__(self, channels, token_dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm = norm(channels)
+        self.q = nn.Linear(channels, channels)
+        self.kv = nn.Linear(token_dim, 2 * channels)
+        self.proj = zero_(nn.Linear(channels, channels))
+
+    def forward(self, x, context):  # x [B, C, H, W] → same
+        tokens, log_weight = context
+        q = heads(self.q(to_tokens(self.norm(x))), self.num_heads)  # [B, heads, HW, C/heads]
+        k, v = (heads(a, self.num_heads) for a in self.kv(tokens).chunk(2, dim=2))  # [B, heads, K+1, C/heads]
+        mask = log_weight[:, None, None, :].to(q.dtype)  # [B, 1, 1, K+1], added to the attention logits
+        return add_attended(x, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), self.proj)
 
 
 class Downsample(nn.Module):
@@ -175,15 +213,18 @@ class Upsample(nn.Module):
 
 
 class Block(nn.Module):
-    """One ResBlock, optionally followed by attention: the unit of both the down and the up path."""
+    """One ResBlock, optionally followed by self-attention and (cfg.cross_attention) attention over the condition's
+    tokens: the unit of both the down and the up path."""
 
     def __init__(self, in_ch, out_ch, emb_dim, cfg, attn: bool):
         super().__init__()
         self.res = ResBlock(in_ch, out_ch, emb_dim, cfg.dropout, cfg.scale_shift_norm)
         self.attn = Attention(out_ch, cfg.num_heads) if attn else nn.Identity()
+        self.cross = CrossAttention(out_ch, emb_dim, cfg.num_heads) if attn and cfg.cross_attention else None
 
-    def forward(self, x, emb):
-        return self.attn(self.res(x, emb))
+    def forward(self, x, emb, context=None):
+        h = self.attn(self.res(x, emb))
+        return h if self.cross is None else self.cross(h, context)
 
 
 class UNet(nn.Module):
@@ -215,6 +256,12 @@ class UNet(nn.Module):
         elif cond_kind == "multilabel":
             self.cond_emb = nn.Linear(num_cond, emb_dim)
             self.null_emb = nn.Parameter(torch.randn(emb_dim) * 0.02)
+        if cfg.cross_attention:
+            if cond_kind != "multilabel":
+                raise UserError("--cross-attention attends over the labels of a label set: it needs a multi-label "
+                                "model (--dataset shapes --conditional)")
+            # One token per label, and the null token last: what the cross-attention layers attend over.
+            self.label_tokens = nn.Parameter(torch.randn(num_cond + 1, emb_dim) * 0.02)
 
         # Down path: every output is kept and concatenated onto one up-path block (widths: up_block_inputs).
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
@@ -263,18 +310,31 @@ class UNet(nn.Module):
         c = self.cond_emb(cond.to(self.cond_emb.weight.dtype))
         return emb + (c if drop is None else torch.where(drop[:, None], null.to(c.dtype), c))
 
+    def context(self, cond, drop, batch):
+        """What cross-attention attends over: (tokens [B, K+1, D], log weights [B, K+1]). A label's weight is its
+        multi-hot value (0 where dropped or with no condition); the null token's is 1, so it is always attended."""
+        if not self.cfg.cross_attention:
+            return None
+        device = self.label_tokens.device
+        present = torch.zeros(batch, self.num_cond, device=device) if cond is None else cond.float()
+        if drop is not None:
+            present = torch.where(drop[:, None], torch.zeros_like(present), present)
+        weight = torch.cat([present, torch.ones(batch, 1, device=device)], dim=1)
+        return self.label_tokens.expand(batch, -1, -1), weight.log()
+
     def forward(self, x, t, cond=None, drop=None):
         """x [B, C, H, W], t [B] → [B, out_channels, H, W]."""
         emb = self.embed(t, cond, drop)
+        ctx = self.context(cond, drop, x.shape[0])
         h = self.conv_in(x)
         skips = [h]
         for layer in self.down:
-            h = layer(h) if isinstance(layer, Downsample) else layer(h, emb)
+            h = layer(h) if isinstance(layer, Downsample) else layer(h, emb, ctx)
             skips.append(h)
         for block in self.mid:
-            h = block(h, emb)
+            h = block(h, emb, ctx)
         for layer in self.up:
-            h = layer(h) if isinstance(layer, Upsample) else layer(torch.cat([h, skips.pop()], dim=1), emb)
+            h = layer(h) if isinstance(layer, Upsample) else layer(torch.cat([h, skips.pop()], dim=1), emb, ctx)
         return self.out(h)
 
 
