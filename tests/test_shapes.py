@@ -178,3 +178,17 @@ def test_shapes_models_use_scale_shift_norm_by_default():
     assert build_config("tiny", {"data": {"dataset": "cifar"}}).unet.scale_shift_norm is False
     off = {"data": {"dataset": "shapes"}, "unet": {"scale_shift_norm": False}}
     assert build_config("tiny", off).unet.scale_shift_norm is False
+
+
+@pytest.mark.parametrize("overrides,model,want", [
+    ({"data": {"dataset": "shapes"}, "cond": {"conditional": True}}, "ddpm", True),  # the README's shapes command
+    ({"data": {"dataset": "shapes"}, "cond": {"conditional": True}, "unet": {"cross_attention": False}}, "ddpm", False),
+    ({"data": {"dataset": "shapes"}}, "ddpm", False),  # unconditional: no label set to attend over
+    ({"data": {"dataset": "shapes"}, "cond": {"conditional": True}}, "dcgan", False),
+    ({"data": {"dataset": "cifar"}, "cond": {"conditional": True}}, "ddpm", False),
+])
+def test_conditional_shapes_models_use_cross_attention_by_default(overrides, model, want):
+    """Cross-attention over the label set's objects is the default of conditional shapes diffusion models only
+    (docs/recipe.md, twelfth round), and every default config it leaves out is valid."""
+    from tinyddpm.config import build_config, validate
+    assert validate(build_config("tiny", overrides, model=model)).unet.cross_attention is want

@@ -283,8 +283,10 @@ GAN_PRESET_CHANGES = {"tiny": dict(train=dict(lr=2e-4, batch_size=64, steps=1200
 # renderer never makes (its highlights on the wrong side); flips stay available with --flip. Shapes models condition
 # on label sets, where the time + label embedding as a per-channel scale and shift of every block (FiLM) won
 # clearly over the added embedding; on cats it tied (docs/recipe.md), so only shapes get it by default
-# (--no-scale-shift-norm turns it off).
-DATASET_CHANGES = {"shapes": dict(data=dict(flip=False), unet=dict(scale_shift_norm=True))}
+# (--no-scale-shift-norm turns it off). Conditional shapes models also attend over one token per object of their
+# label set, which followed the labels better than FiLM alone on two training seeds (docs/recipe.md, twelfth round;
+# --no-cross-attention turns it off); build_config keeps it only where there is a label set.
+DATASET_CHANGES = {"shapes": dict(data=dict(flip=False), unet=dict(scale_shift_norm=True, cross_attention=True))}
 
 
 # Presets that add self-attention at the U-Net's coarsest level (image_size / 2**(levels − 1)) unless
@@ -294,8 +296,8 @@ ATTEND_COARSEST = ("tiny",)
 
 
 def build_config(preset: str, overrides: dict, model: str = "ddpm") -> RunConfig:
-    """Defaults ← preset ← (GAN changes) ← dataset changes ← user flags, then ATTEND_COARSEST and, for a DCGAN,
-    no autoguidance snapshot (GUIDE_AT) unless --guide-at is given (train.py then refuses it). --steps turns the
+    """Defaults ← preset ← (GAN changes) ← dataset changes ← user flags, then ATTEND_COARSEST, no cross-attention
+    without a condition unless asked (validate then refuses it), and, for a DCGAN, no autoguidance snapshot (GUIDE_AT) unless --guide-at is given (train.py then refuses it). --steps turns the
     preset's time budget off (a fixed count); --steps with --minutes is refused."""
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -311,6 +313,8 @@ def build_config(preset: str, overrides: dict, model: str = "ddpm") -> RunConfig
     if model == "ddpm" and preset in ATTEND_COARSEST and "attn_resolutions" not in overrides.get("unet", {}):
         coarsest = d["data"]["image_size"] // 2 ** max(0, len(d["unet"]["channel_mults"]) - 1)
         d["unet"]["attn_resolutions"] = (coarsest,) if coarsest >= 1 else ()
+    if not (model == "ddpm" and d["cond"]["conditional"]) and "cross_attention" not in overrides.get("unet", {}):
+        d["unet"]["cross_attention"] = False  # the dataset default needs a label set to attend over
     if model != "ddpm" and "guide_at" not in asked:
         d["train"]["guide_at"] = 0.0  # autoguidance is diffusion's (GUIDE_AT)
     if "steps" in asked:
