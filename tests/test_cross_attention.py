@@ -93,7 +93,8 @@ def test_every_attention_block_gets_cross_attention_and_starts_as_the_identity()
     b.load_state_dict({k: v for k, v in a.state_dict().items() if k in plain.state_dict()})
     for m in a.modules():
         if isinstance(m, CrossAttention):
-            torch.nn.init.zeros_(m.proj.weight), torch.nn.init.zeros_(m.proj.bias)
+            torch.nn.init.zeros_(m.proj.weight)
+            torch.nn.init.zeros_(m.proj.bias)
     assert torch.equal(a(x, t, SETS), b(x, t, SETS))
 
 
