@@ -297,8 +297,9 @@ ATTEND_COARSEST = ("tiny",)
 
 def build_config(preset: str, overrides: dict, model: str = "ddpm") -> RunConfig:
     """Defaults ← preset ← (GAN changes) ← dataset changes ← user flags, then ATTEND_COARSEST, no cross-attention
-    without a condition unless asked (validate then refuses it), and, for a DCGAN, no autoguidance snapshot (GUIDE_AT) unless --guide-at is given (train.py then refuses it). --steps turns the
-    preset's time budget off (a fixed count); --steps with --minutes is refused."""
+    without a condition unless asked (validate then refuses it), and, for a DCGAN, no autoguidance snapshot
+    (GUIDE_AT) unless --guide-at is given (train.py then refuses it). --steps turns the preset's time budget off (a
+    fixed count); --steps with --minutes is refused."""
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     asked = overrides.get("train", {})
