@@ -58,6 +58,10 @@ class UNetConfig:
     cross_attention: bool = field(default=False, metadata=dict(help=(
         "label sets (--dataset shapes): every attention block also attends over one learned token per label present "
         "(docs/shapes.md)")))
+    cross_attn_resolutions: tuple = field(default=(), metadata=dict(nargs="*", type=int, min=1, max=MAX_IMAGE_SIZE,
+                                                                    help=(
+        "with --cross-attention: feature-map sizes whose blocks also attend over the label set, besides the "
+        "attention blocks")))
 
 
 @dataclass
@@ -198,6 +202,8 @@ def validate(cfg, where=None):
                                              and cfg.cond.conditional):
             raise UserError("--cross-attention attends over the labels of a label set: it needs a diffusion model "
                             "with --dataset shapes --conditional")
+        if cfg.unet.cross_attn_resolutions and not cfg.unet.cross_attention:
+            raise UserError("--cross-attn-resolutions places cross-attention layers: it needs --cross-attention")
         d = cfg.diffusion
         if d.learn_sigma and (d.objective == "edm" or d.train_levels != "uniform"):
             raise UserError("--learn-sigma trains the variance with the VLB at whole timesteps; it does not combine "

@@ -98,7 +98,11 @@ def check_config(cfg, image_size: int):
     if set(cfg.attn_resolutions) - set(sizes):
         raise UserError(f"--attn-resolutions {list(cfg.attn_resolutions)} must be among the feature-map sizes "
                         f"{sizes} of a {image_size}px model")
-    attn_widths = {widths[-1]} | {w for w, s in zip(widths, sizes) if s in cfg.attn_resolutions}  # mid block too
+    if set(cfg.cross_attn_resolutions) - set(sizes):
+        raise UserError(f"--cross-attn-resolutions {list(cfg.cross_attn_resolutions)} must be among the feature-map "
+                        f"sizes {sizes} of a {image_size}px model")
+    attended = set(cfg.attn_resolutions) | (set(cfg.cross_attn_resolutions) if cfg.cross_attention else set())
+    attn_widths = {widths[-1]} | {w for w, s in zip(widths, sizes) if s in attended}  # mid block too
     for w in sorted(attn_widths):
         if w % cfg.num_heads:
             raise UserError(f"--num-heads {cfg.num_heads} does not divide the {w} channels of an attention "
@@ -213,14 +217,16 @@ class Upsample(nn.Module):
 
 
 class Block(nn.Module):
-    """One ResBlock, optionally followed by self-attention and (cfg.cross_attention) attention over the condition's
-    tokens: the unit of both the down and the up path."""
+    """One ResBlock, optionally followed by self-attention and attention over the condition's tokens: the unit of both
+    the down and the up path. With cfg.cross_attention, every self-attention block also attends over the tokens, and
+    so does every block at a size in cfg.cross_attn_resolutions."""
 
-    def __init__(self, in_ch, out_ch, emb_dim, cfg, attn: bool):
+    def __init__(self, in_ch, out_ch, emb_dim, cfg, attn: bool, size: int = 0):
         super().__init__()
         self.res = ResBlock(in_ch, out_ch, emb_dim, cfg.dropout, cfg.scale_shift_norm)
         self.attn = Attention(out_ch, cfg.num_heads) if attn else nn.Identity()
-        self.cross = CrossAttention(out_ch, emb_dim, cfg.num_heads) if attn and cfg.cross_attention else None
+        cross = cfg.cross_attention and (attn or size in cfg.cross_attn_resolutions)
+        self.cross = CrossAttention(out_ch, emb_dim, cfg.num_heads) if cross else None
 
     def forward(self, x, emb, context=None):
         h = self.attn(self.res(x, emb))
@@ -269,7 +275,7 @@ class UNet(nn.Module):
         w = ch
         for i, (width, size) in enumerate(zip(widths, sizes)):
             for _ in range(cfg.num_res_blocks):
-                self.down.append(Block(w, width, emb_dim, cfg, attn=size in cfg.attn_resolutions))
+                self.down.append(Block(w, width, emb_dim, cfg, attn=size in cfg.attn_resolutions, size=size))
                 w = width
             if i < levels - 1:
                 self.down.append(Downsample(w))
@@ -281,7 +287,8 @@ class UNet(nn.Module):
         inputs = iter(up_block_inputs(cfg))
         for i in reversed(range(levels)):
             for _ in range(cfg.num_res_blocks + 1):
-                self.up.append(Block(next(inputs), widths[i], emb_dim, cfg, attn=sizes[i] in cfg.attn_resolutions))
+                self.up.append(Block(next(inputs), widths[i], emb_dim, cfg, attn=sizes[i] in cfg.attn_resolutions,
+                                     size=sizes[i]))
                 w = widths[i]
             if i > 0:
                 self.up.append(Upsample(w))
