@@ -6,6 +6,7 @@ properties with the layers on (zero init, drop = no condition, every parameter t
 the refusals, and train.py + sample.py in-process on a shapes model."""
 import dataclasses
 import math
+import re
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ import train
 from tests.helpers import MICRO_FLAGS, assert_user_error, run_script
 from tests.test_unet import SIZE, TINY_ATTN, inputs, randomize_
 from tinyddpm.checkpoint import load_checkpoint
-from tinyddpm.config import build_config, validate
+from tinyddpm.config import RunConfig, build_config, validate
 from tinyddpm.errors import UserError
 from tinyddpm.unet import CrossAttention, UNet
 
@@ -27,9 +28,16 @@ LABELS = 5
 SETS = torch.tensor([[1, 0, 0, 1, 0], [0, 1, 0, 0, 0], [1, 1, 1, 0, 1]], dtype=torch.float)
 
 
-def model(seed=0):
+def model(seed=0, resolutions=()):
     torch.manual_seed(seed)
-    return randomize_(UNet(CROSS, SIZE, cond_kind="multilabel", num_cond=LABELS), seed=seed).eval()
+    cfg = dataclasses.replace(CROSS, cross_attn_resolutions=resolutions)
+    return randomize_(UNet(cfg, SIZE, cond_kind="multilabel", num_cond=LABELS), seed=seed).eval()
+
+
+def cross_layers(net):
+    """(feature-map width of each block with a cross-attention layer, has it self-attention) for every block."""
+    return [(m.cross.q.in_features, not isinstance(m.attn, torch.nn.Identity))
+            for m in net.modules() if getattr(m, "cross", None) is not None]
 
 
 def test_cross_attention_matches_the_formula_with_absent_labels_masked():
@@ -54,8 +62,9 @@ def test_cross_attention_matches_the_formula_with_absent_labels_masked():
     assert torch.allclose(out, want, atol=1e-5)
 
 
-def test_an_image_sees_the_tokens_of_its_own_labels_only():
-    net = model()
+@pytest.mark.parametrize("resolutions", [(), (SIZE, SIZE // 4)])  # also at the 16 and 4 px levels
+def test_an_image_sees_the_tokens_of_its_own_labels_only(resolutions):
+    net = model(resolutions=resolutions)
     x, t = inputs(3)
     base = net(x, t, SETS)
     for label in range(LABELS + 1):  # the last row: the null token
@@ -96,6 +105,38 @@ def test_every_attention_block_gets_cross_attention_and_starts_as_the_identity()
             torch.nn.init.zeros_(m.proj.weight)
             torch.nn.init.zeros_(m.proj.bias)
     assert torch.equal(a(x, t, SETS), b(x, t, SETS))
+
+
+@pytest.mark.parametrize("resolutions,extra", [((SIZE,), 3), ((SIZE, SIZE // 4), 6)])
+def test_cross_attn_resolutions_add_layers_to_every_block_of_those_sizes(resolutions, extra):
+    """TINY_ATTN at 16 px has levels 16, 8, 4 px, one block down and two up per level: a size adds 3 layers to the
+    4 of the attention blocks; the added ones sit in blocks without self-attention. Every layer starts as 0."""
+    plain, net = model(), model(resolutions=resolutions)
+    assert len(cross_layers(net)) == len(cross_layers(plain)) + extra
+    assert sum(not attn for _, attn in cross_layers(net)) == extra
+    fresh = UNet(dataclasses.replace(CROSS, cross_attn_resolutions=resolutions), SIZE, cond_kind="multilabel",
+                 num_cond=LABELS)
+    assert all(not m.proj.weight.any() and not m.proj.bias.any() for m in fresh.modules()
+               if isinstance(m, CrossAttention))
+
+
+@pytest.mark.parametrize("unet,words", [
+    (dict(cross_attention=False, cross_attn_resolutions=(16,)), "needs --cross-attention"),
+    (dict(cross_attention=True, cross_attn_resolutions=(12,)), "must be among the feature-map sizes [32, 16, 8]"),
+    # 64 heads divide the 64 channels of the 8 px level and the middle, not the 32 of the 32 px level
+    (dict(cross_attention=True, cross_attn_resolutions=(32,), num_heads=64), "--num-heads 64 does not divide the 32"),
+])
+def test_config_refuses_misplaced_cross_attention_layers(unet, words):
+    cfg = build_config("tiny", {"data": {"dataset": "shapes", "image_size": 32}, "cond": {"conditional": True},
+                                "unet": unet})
+    with pytest.raises(UserError, match=re.escape(words)):
+        validate(cfg)
+
+
+def test_a_config_from_before_cross_attn_resolutions_rebuilds_without_them():
+    d = build_config("tiny", {"data": {"dataset": "shapes"}, "cond": {"conditional": True}}).to_dict()
+    del d["unet"]["cross_attn_resolutions"]
+    assert RunConfig.from_dict(d).unet.cross_attn_resolutions == ()
 
 
 def test_gradient_reaches_every_parameter_with_cross_attention():
@@ -141,6 +182,11 @@ def test_train_refuses_cross_attention_on_cifar_in_one_line(tmp_path, capsys):
     code, _, err = run_script(train, ["--dataset", "cifar", "--class", "cat", "--cross-attention",
                                       "--out", str(tmp_path / "r"), *MICRO_FLAGS], capsys)
     assert_user_error(code, err, "--cross-attention", "--dataset shapes --conditional")
+    assert not (tmp_path / "r").exists()
+    code, _, err = run_script(train, ["--dataset", "shapes", "--conditional", "--no-cross-attention",
+                                      "--cross-attn-resolutions", "16", "--out", str(tmp_path / "r"), *MICRO_FLAGS],
+                              capsys)
+    assert_user_error(code, err, "--cross-attn-resolutions", "needs --cross-attention")
     assert not (tmp_path / "r").exists()
 
 

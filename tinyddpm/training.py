@@ -149,27 +149,34 @@ def make_step(cfg, nets, diffusion, data, device):
 
 
 # --- the time budget -----------------------------------------------------------------------------------------
+def seconds_per_step(cfg, nets, diffusion, data, device):
+    """Wall seconds of one whole training step (forward, backward, AdamW, EMA) of copies of `nets`, as the run will
+    average them (the guide network trains for guide_at of the steps), and the copies (for budget_probe's grid)."""
+    copy = make_nets(cfg, deepcopy(nets.model), device, nets.narrow and deepcopy(nets.narrow.model))
+    step_fn, gen = make_step(cfg, copy, diffusion, data, device), torch.Generator(device).manual_seed(0)
+
+    def one_step(narrow=False):
+        step_fn(torch.randint(0, data.images.shape[0], (cfg.train.batch_size,), generator=gen, device=device),
+                gen, narrow)
+        for n in (copy, copy.narrow) if narrow else (copy,):
+            n.opt.step()
+            n.ema.update(n.model, 0)
+
+    sync = budget.sync_for(device)
+    step_s = budget.seconds_per_call(one_step, sync=sync)
+    if copy.narrow is not None:  # the guide network trains until the snapshot: guide_at of the steps
+        step_s += cfg.train.guide_at * (budget.seconds_per_call(lambda: one_step(True), sync=sync) - step_s)
+    return step_s, copy
+
+
 def budget_probe(run, nets, diffusion):
     """probe() for budget.fix_length: seconds per training step and per grid, timed on copies of the networks."""
     cfg, device, data = run.cfg, run.device, run.data
 
     def probe():
-        copy = make_nets(cfg, deepcopy(nets.model), device, nets.narrow and deepcopy(nets.narrow.model))
-        step_fn, gen = make_step(cfg, copy, diffusion, data, device), torch.Generator(device).manual_seed(0)
-
-        def one_step(narrow=False):
-            step_fn(torch.randint(0, data.images.shape[0], (cfg.train.batch_size,), generator=gen, device=device),
-                    gen, narrow)
-            for n in (copy, copy.narrow) if narrow else (copy,):
-                n.opt.step()
-                n.ema.update(n.model, 0)
-
-        sync = budget.sync_for(device)
-        step_s = budget.seconds_per_call(one_step, sync=sync)
-        if copy.narrow is not None:  # the guide network trains until the snapshot: guide_at of the steps
-            step_s += cfg.train.guide_at * (budget.seconds_per_call(lambda: one_step(True), sync=sync) - step_s)
+        step_s, copy = seconds_per_step(cfg, nets, diffusion, data, device)
         grid = lambda: grid_images(copy.ema.model, diffusion, cfg, data.label_info, device)  # noqa: E731
-        return step_s, budget.seconds_per_call(grid, 1, 0, sync)
+        return step_s, budget.seconds_per_call(grid, 1, 0, budget.sync_for(device))
 
     return probe
 
