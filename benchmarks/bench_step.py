@@ -2,8 +2,9 @@
 
 Each configuration is a string of train.py flags. Every repeat times each configuration in turn, as the time budget
 does (tinyddpm.training.seconds_per_step: forward, backward, AdamW and EMA on the run's data, after untimed warm-up
-steps), so a machine whose speed drifts slows all of them alike; the figure is the median over the repeats and the
-ratio to the first configuration. Run it alone: other jobs on the cores change every figure.
+steps). Each configuration's figure is its median over the repeats; its cost against the first configuration is the
+median over the repeats of the ratio within a repeat, which a machine whose speed drifts between repeats (some do,
+by tens of per cent within minutes) changes far less. Run it alone: other jobs on the cores change every figure.
 
     python benchmarks/bench_step.py "--dataset shapes --conditional --image-size 32" \\
         "--dataset shapes --conditional --image-size 32 --cross-attn-resolutions 32 16" --json runs/bench_step.json
@@ -62,13 +63,12 @@ def main(argv=None):
         for i, (cfg, nets, diffusion, data) in enumerate(runs):
             times[i].append(seconds_per_step(cfg, nets, diffusion, data, device)[0])
         print(f"repeat {r + 1}/{args.repeats}: " + ", ".join(f"{t[-1]:.4f} s" for t in times), flush=True)
-    base = statistics.median(times[0])
     rows = []
     for flags, (cfg, nets, _, _), t in zip(args.configs, runs, times):
-        s = statistics.median(t)
+        s, ratio = statistics.median(t), statistics.median(a / b for a, b in zip(t, times[0]))  # paired per repeat
         rows.append(dict(flags=flags, parameters=count_parameters(nets.model), batch=cfg.train.batch_size,
-                         seconds_per_step=s, img_per_s=cfg.train.batch_size / s, ratio=s / base, all=t))
-        print(f"{s:.4f} s a step ({rows[-1]['img_per_s']:.1f} img/s), {s / base:.3f}× the first, "
+                         seconds_per_step=s, img_per_s=cfg.train.batch_size / s, ratio=ratio, all=t))
+        print(f"{s:.4f} s a step ({rows[-1]['img_per_s']:.1f} img/s), {ratio:.3f}× the first (paired), "
               f"{rows[-1]['parameters'] / 1e6:.2f} M parameters: {flags}")
     if args.json:
         info = dict(torch=torch.__version__, threads=torch.get_num_threads(), repeats=args.repeats, rows=rows)

@@ -31,6 +31,8 @@ def test_two_configurations_are_timed_side_by_side(tmp_path, capsys):
     for r in rows:
         assert len(r["all"]) == 2 and r["seconds_per_step"] > 0 and r["batch"] == 4
         assert r["img_per_s"] == pytest.approx(r["batch"] / r["seconds_per_step"])
+    a, b = rows[1]["all"], rows[0]["all"]
+    assert rows[1]["ratio"] == pytest.approx((a[0] / b[0] + a[1] / b[1]) / 2)  # the median of the paired ratios
 
 
 @pytest.mark.parametrize("argv,words", [
