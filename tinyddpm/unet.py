@@ -3,7 +3,8 @@
     x [B,C,H,W] ─conv─┬─ Res(+Attn) ×N ─ Down ─ … ─ Mid (Res, Attn, Res) ─ … ─ Up ─ Res(+Attn) ×(N+1) ─ out ─►
                       └─ every down-path output is concatenated onto one up-path block (skip connections) ─┘
     t [B] ─ sinusoid ─ MLP ─(+ condition embedding)─► added (or scale/shift) in every ResBlock
-    label set ─ one token per label (+ null) ─► attended over by every attention block (--cross-attention)
+    label set ─ one token per label (+ null) ─► attended over by every attention block (--cross-attention) and
+                                                every block at --cross-attn-resolutions
 
 The `ddpm-cifar` preset (128 channels, mults (1, 2, 2, 2), 2 blocks, attention at 16 px) has 35.7 M parameters:
 the CIFAR-10 network of the paper, and the same as diffusers' UNet2DModel at block_out_channels (128, 256, 256, 256).
