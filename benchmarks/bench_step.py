@@ -1,4 +1,4 @@
-"""Seconds per training step of train.py configurations, measured side by side: what a change costs under the budget.
+"""Seconds per CPU training step of train.py configurations, side by side: what a change costs under the budget.
 
 Each configuration is a string of train.py flags. Every repeat times each configuration in turn, as the time budget
 does (tinyddpm.training.seconds_per_step: forward, backward, AdamW and EMA on the run's data, after untimed warm-up
@@ -22,7 +22,7 @@ sys.path.insert(0, ROOT)  # run as `python benchmarks/bench_step.py` without ins
 import torch  # noqa: E402
 
 import train  # noqa: E402
-from tinyddpm.config import build_config, user_overrides, validate  # noqa: E402
+from tinyddpm.config import build_config, default_preset, user_overrides, validate  # noqa: E402
 from tinyddpm.cpu import configure as configure_cpu  # noqa: E402
 from tinyddpm.errors import UserError, run_cli  # noqa: E402
 from tinyddpm.files import atomic_write_bytes  # noqa: E402
@@ -45,7 +45,7 @@ def setup(flags, device):
     args = train.build_parser().parse_args(shlex.split(flags))
     if args.model != "ddpm":
         raise UserError(f"{flags!r}: only diffusion runs are timed here")
-    cfg = validate(build_config(args.preset or "tiny", user_overrides(args)))
+    cfg = validate(build_config(args.preset or default_preset(device.type), user_overrides(args)))
     data = load_training_data(cfg, device)
     torch.manual_seed(cfg.train.seed)
     model = build_unet(cfg, data.label_info).to(device)

@@ -60,8 +60,8 @@ class UNetConfig:
         "(docs/shapes.md)")))
     cross_attn_resolutions: tuple = field(default=(), metadata=dict(nargs="*", type=int, min=1, max=MAX_IMAGE_SIZE,
                                                                     help=(
-        "with --cross-attention: feature-map sizes whose blocks also attend over the label set, besides the "
-        "attention blocks")))
+        "with --cross-attention: feature-map sizes whose down- and up-path blocks also attend over the label set, "
+        "besides the attention blocks")))
 
 
 @dataclass

@@ -220,7 +220,7 @@ class Upsample(nn.Module):
 class Block(nn.Module):
     """One ResBlock, optionally followed by self-attention and attention over the condition's tokens: the unit of both
     the down and the up path. With cfg.cross_attention, every self-attention block also attends over the tokens, and
-    so does every block at a size in cfg.cross_attn_resolutions."""
+    so does every down- and up-path block at a size in cfg.cross_attn_resolutions (the middle blocks pass no size)."""
 
     def __init__(self, in_ch, out_ch, emb_dim, cfg, attn: bool, size: int = 0):
         super().__init__()
