@@ -15,6 +15,7 @@ import sample
 import train
 from tests.helpers import MICRO_FLAGS, assert_user_error, make_image_folder, run_script
 from tinyddpm import data as data_mod
+from tinyddpm import distance
 from tinyddpm import report, sources
 from tinyddpm.errors import run_cli
 from tinyddpm.generate import CLASS_AUTOGUIDANCE, DEFAULT_AUTOGUIDANCE, DEFAULT_N
@@ -237,6 +238,30 @@ def test_report_equals_fid_py_with_the_real_inception(ckpts, cifar_root, tmp_pat
     assert code == 0, err
     assert float(out.split()[1]) == pytest.approx(row["floor"], rel=1e-5)
     assert row["floor"] < row["fid"]  # real cats are closer to real cats than a 1-step model's noise is
+
+
+def test_kid_cell_gives_a_spread_only_when_there_are_subsets():
+    """At N = 1,000 (the subset size) every subset is the whole set: one KID value, shown without a '± 0.00' that
+    would read as no uncertainty; with fewer images per subset than N the cell is mean ± std over the subsets."""
+    real = np.random.default_rng(0).normal(size=(40, 6))
+    fake = np.random.default_rng(1).normal(0.3, 1.0, size=(40, 6))
+    whole = distance.kernel_inception_distance(fake, real, subsets=5, subset_size=40)
+    some = distance.kernel_inception_distance(fake, real, subsets=5, subset_size=20)
+    assert whole[1] == 0 and some[1] > 0
+    result = dict(condition=None, reference="cifar10:cat:test", fid=81.6, floor=48.0, ratio=1.70, kid=whole,
+                  floor_kid=(0.0, 0.0), precision=None, floor_precision=None, recall=None, floor_recall=None,
+                  memorisation=None, seconds=1.0)
+    summary = dict(model="ddpm", sampler="dpmpp-2m-sde", steps=50, eta=0.0, cfg_scale=None, ckpt="ckpt.pt",
+                   step=1, n=40, results=[result])
+    kid_column = 10  # 1-based in the table's header; cell 0 is the empty text before the first '|'
+    assert report.markdown(summary).splitlines()[0].split("|")[kid_column].strip() == "KID ×1e3"
+
+    def kid_cell():
+        return report.markdown(summary).splitlines()[2].split("|")[kid_column].strip()
+
+    assert kid_cell() == f"{whole[0] * report.KID_SCALE:.2f}"
+    result["kid"] = some
+    assert kid_cell() == f"{some[0] * report.KID_SCALE:.2f} ± {some[1] * report.KID_SCALE:.2f}"
 
 
 def test_dataset_reference_parsing():

@@ -290,6 +290,15 @@ def _fmt(x, scale=1.0, digits=2, unit=""):
     return "—" if x is None else f"{x * scale:.{digits}f}{unit}"
 
 
+def _kid(pair):
+    """'24.12' when the KID was computed once over the whole sets (N ≤ the subset size: no spread to give),
+    else '24.12 ± 1.30' (mean ± std over the subsets), ×1e3."""
+    if pair is None:
+        return "—"
+    mean, std = pair
+    return _fmt(mean, KID_SCALE) + ("" if std == 0 else f" ± {_fmt(std, KID_SCALE)}")
+
+
 def _memorised(m):
     """'1.2 % / 0.8 %': the fractions flagged in Inception space / in pixels."""
     if m is None:
@@ -313,7 +322,7 @@ def markdown(summary):
              "| seconds |",
              "|---|---:|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in summary["results"]:
-        kid = "—" if r["kid"] is None else f"{r['kid'][0] * KID_SCALE:.2f} ± {r['kid'][1] * KID_SCALE:.2f}"
+        kid = _kid(r["kid"])
         fkid = "—" if r["floor_kid"] is None else f"{r['floor_kid'][0] * KID_SCALE:.2f}"
         pr = [f"{_fmt(r[k])} ({_fmt(r['floor_' + k])})" for k in ("precision", "recall")]
         lines.append(f"| {summary['ckpt']} | {summary['step']} | {how} | {r['condition'] or '—'} | {summary['n']} | "
