@@ -16,7 +16,7 @@ import train
 from tests.helpers import MICRO_FLAGS, assert_user_error, run_script
 from tests.test_unet import SIZE, TINY_ATTN, inputs, randomize_
 from tinyddpm.checkpoint import load_checkpoint
-from tinyddpm.config import RunConfig, build_config, validate
+from tinyddpm.config import RunConfig, build_config, user_overrides, validate
 from tinyddpm.errors import UserError
 from tinyddpm.unet import CrossAttention, UNet
 
@@ -133,6 +133,40 @@ def test_config_refuses_misplaced_cross_attention_layers(unet, words):
         validate(cfg)
 
 
+SHAPES = {"data": {"dataset": "shapes", "image_size": 32}, "cond": {"conditional": True}}
+
+
+@pytest.mark.parametrize("image_size,mults,want", [(32, (1, 1, 2), (16,)), (64, (1, 1, 2), (32,)),
+                                                   (32, (1, 2), (32,)), (32, (1,), ())])
+def test_tiny_shapes_models_cross_attend_one_level_above_the_coarsest(image_size, mults, want):
+    """The default for the tiny preset is a level, so it exists at any size: 16 px at 32 (levels 32, 16, 8), 32 px
+    at 64; with one level there is none above the coarsest."""
+    cfg = build_config("tiny", {**SHAPES, "data": {"dataset": "shapes", "image_size": image_size},
+                                "unet": {"channel_mults": mults}})
+    assert cfg.unet.cross_attention and cfg.unet.cross_attn_resolutions == want
+    validate(cfg)  # every default size exists in the model
+
+
+@pytest.mark.parametrize("preset,overrides,model_kind", [
+    ("tiny", {"unet": {"cross_attn_resolutions": ()}}, "ddpm"),  # `--cross-attn-resolutions` with no sizes
+    ("tiny", {"unet": {"cross_attention": False}}, "ddpm"),     # --no-cross-attention
+    ("tiny", {"cond": {"conditional": False}}, "ddpm"),         # no label set to attend over
+    ("tiny", {}, "dcgan"),
+    ("small", {}, "ddpm"),                                      # measured on tiny only
+])
+def test_no_added_cross_attention_layers_where_not_asked_or_not_measured(preset, overrides, model_kind):
+    cfg = build_config(preset, {**SHAPES, **overrides}, model=model_kind)
+    assert cfg.unet.cross_attn_resolutions == ()
+    validate(cfg)  # so --no-cross-attention alone is never refused for the default's layers
+
+
+@pytest.mark.parametrize("flags,want", [([], (16,)), (["--cross-attn-resolutions"], ()),
+                                         (["--cross-attn-resolutions", "32", "16"], (32, 16))])
+def test_train_py_flags_keep_or_replace_the_default_cross_attention_sizes(flags, want):
+    args = train.build_parser().parse_args(["--dataset", "shapes", "--conditional", "--image-size", "32", *flags])
+    assert build_config("tiny", user_overrides(args)).unet.cross_attn_resolutions == want
+
+
 def test_a_config_from_before_cross_attn_resolutions_rebuilds_without_them():
     d = build_config("tiny", {"data": {"dataset": "shapes"}, "cond": {"conditional": True}}).to_dict()
     del d["unet"]["cross_attn_resolutions"]
@@ -192,7 +226,8 @@ def test_train_refuses_cross_attention_on_cifar_in_one_line(tmp_path, capsys):
 
 def test_train_and_sample_a_shapes_model_with_cross_attention(tmp_path, capsys):
     out = tmp_path / "run"
-    # MICRO_FLAGS turn attention off; the middle block still attends, so it gets the one cross-attention layer.
+    # MICRO_FLAGS turn self-attention off; the middle block still attends, so it gets a cross-attention layer, and
+    # so do the 16 px blocks, one level above the coarsest (config.CROSS_ATTEND_NEXT_TO_COARSEST).
     flags = ["--dataset", "shapes", "--conditional", "--shapes-count", "16", "--image-size", "16", "--scale-shift-norm",
              "--cross-attention", "--steps", "3", "--out", str(out), *MICRO_FLAGS]
     code, _, err = run_script(train, flags, capsys)
@@ -200,6 +235,7 @@ def test_train_and_sample_a_shapes_model_with_cross_attention(tmp_path, capsys):
     ckpt = load_checkpoint(out / "ckpt.pt")
     assert ckpt["config"]["unet"]["cross_attention"] is True
     assert any(k.startswith("mid.0.cross.") for k in ckpt["models"]["ema"]) and "label_tokens" in ckpt["models"]["ema"]
+    assert tuple(ckpt["config"]["unet"]["cross_attn_resolutions"]) == (16,)
     argv = ["--ckpt", str(out / "ckpt.pt"), "--labels", "red cube, blue sphere", "--n", "2", "--steps", "2",
             "--out", str(tmp_path / "s"), "--device", "cpu"]
     code, _, err = run_script(sample, argv, capsys)
