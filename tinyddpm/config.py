@@ -302,8 +302,8 @@ ATTEND_COARSEST = ("tiny",)
 
 # Presets whose conditional shapes models (those with cross-attention) also cross-attend in every down- and up-path
 # block one level above the coarsest, unless --cross-attn-resolutions is given (with no sizes it adds none): 16 px
-# for a 32 px tiny model, where it followed the labels far better for about 6 % more time a step (docs/recipe.md,
-# fourteenth round). A level, not a size, as for ATTEND_COARSEST, so that it exists at any --image-size.
+# for a 32 px tiny model, where it followed the labels better within the same wall time (docs/recipe.md, fourteenth
+# round). A level, not a size, as for ATTEND_COARSEST, so that it exists at any --image-size.
 CROSS_ATTEND_NEXT_TO_COARSEST = ("tiny",)
 
 
