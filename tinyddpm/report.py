@@ -291,8 +291,8 @@ def _fmt(x, scale=1.0, digits=2, unit=""):
 
 
 def _kid(pair):
-    """'24.12' when the KID was computed once over the whole sets (N ≤ the subset size: no spread to give),
-    else '24.12 ± 1.30' (mean ± std over the subsets), ×1e3."""
+    """'24.12' when the KID was computed once over the whole sets (both sides the same N ≤ the subset size: no
+    spread to give), else '24.12 ± 1.30' (mean ± std over the subsets), ×1e3."""
     if pair is None:
         return "—"
     mean, std = pair
