@@ -147,3 +147,66 @@ def test_a_dcgan_run_keeps_a_budget_too(tmp_path, capsys, fixed_timing, one_thre
                                       "cpu", *CADENCE], capsys)
     assert code == 0 and "time budget: 0.01 min → 5 steps" in err, err
     assert load_checkpoint(out / "ckpt.pt")["run_config"].train.steps == 5
+
+
+def counts_from(monkeypatch, *counts):
+    """budget.steps_for answers `counts` in turn (the probe's count, then what is left after the warm-up) and
+    records the seconds a step it was given."""
+    given, answers = [], iter(counts)
+
+    def steps_for(minutes, elapsed, step_seconds, grid_seconds=0.0, sample_every=1):
+        given.append(step_seconds)
+        return next(answers)
+
+    monkeypatch.setattr(budget, "steps_for", steps_for)
+    return given
+
+
+def test_a_budgeted_run_fits_its_count_again_after_the_warm_up_and_equals_that_steps_run(
+        tmp_path, capsys, monkeypatch, fixed_timing, one_thread):
+    """The probe's count (60) is fitted again from the run's own steps at the warm-up's last step (25): 25 done +
+    15 left = 40. Nothing before that step depends on the count, so the weights are those of `--steps 40`, and the
+    autoguidance snapshot (--guide-at 0.9) is taken at step 36 of the 40."""
+    given = counts_from(monkeypatch, 60, 15)
+    out, warm = tmp_path / "run", ["--warmup", "25", "--guide-at", "0.9"]
+    code, _, err = run_script(train, flags(tmp_path, out, "--minutes", "1", *warm), capsys)
+    assert code == 0, err
+    assert "time budget: 1 min → 60 steps" in err and "the 20 steps to step 25 took" in err, err
+    assert "(the probe: 0.100) → 40 steps" in err and "step 40/40" in err, err
+    # the probe's 0.1 s (through a float32 all-reduce), then the run's own timing
+    assert given[0] == pytest.approx(0.1) and given[1] > 0 and given[1] != pytest.approx(0.1)
+    ck = load_checkpoint(out / "ckpt.pt")
+    assert ck["step"] == 40 and ck["run_config"].train.steps == 40 and ck["run_config"].train.minutes == 1
+    assert ck["models"]["guide"]["step"] == 36
+    ref = tmp_path / "ref"
+    assert run_script(train, flags(tmp_path, ref, "--steps", "40", *warm), capsys)[0] == 0
+    b = load_checkpoint(ref / "ckpt.pt")
+    for part in ("model", "ema"):
+        for k, v in ck["models"][part].items():
+            assert torch.equal(v, b["models"][part][k]), (part, k)
+    for k, v in ck["models"]["guide"]["weights"].items():
+        assert torch.equal(v, b["models"]["guide"]["weights"][k]), k
+
+
+def test_the_refit_keeps_the_count_when_the_snapshot_would_move_before_the_warm_up_end(
+        tmp_path, capsys, monkeypatch, fixed_timing, one_thread):
+    # --guide-at 0.5: 60 steps keep the snapshot at 30 (after the warm-up's 25); 25 + 15 = 40 would keep it at 20.
+    counts_from(monkeypatch, 60, 15)
+    out = tmp_path / "run"
+    code, _, err = run_script(train, flags(tmp_path, out, "--minutes", "1", "--warmup", "25", "--guide-at", "0.5"),
+                              capsys)
+    assert code == 0 and "40 steps would move the autoguidance snapshot before this step: keeping 60" in err, err
+    ck = load_checkpoint(out / "ckpt.pt")
+    assert ck["step"] == 60 and ck["models"]["guide"]["step"] == 30
+
+
+def test_no_refit_for_fixed_steps_short_warm_ups_or_a_narrow_guide(tmp_path, capsys, monkeypatch, fixed_timing,
+                                                                    one_thread):
+    assert not budget.Refit.possible(budget.Length(60), 100)  # --steps or a resume: no probe
+    assert not budget.Refit.possible(budget.Length(60, 0.1), budget.RETIME_SKIP + budget.PROBE_STEPS - 1)
+    assert budget.Refit.possible(budget.Length(60, 0.1), budget.RETIME_SKIP + budget.PROBE_STEPS)
+    counts_from(monkeypatch, 60, 15)
+    code, _, err = run_script(train, flags(tmp_path, tmp_path / "n", "--minutes", "1", "--warmup", "25",
+                                           "--guide-at", "0.9", "--guide-channels", "8"), capsys)
+    assert code == 0 and "1 min → 60 steps" in err and "steps to step" not in err, err
+    assert load_checkpoint(tmp_path / "n" / "ckpt.pt")["step"] == 60

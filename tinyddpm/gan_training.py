@@ -130,7 +130,7 @@ def train_gan(cfg, out, device, log=say):
         G, D = G.to(device), D.to(device)
         ema = EMA(G, tcfg.ema_decay, tcfg.ema_warmup)
     gan = GAN(G, D, *make_optimizers(G, D, cfg.gan, lr=tcfg.lr))  # constant rate: no warm-up, no clipping
-    run.cfg = replace(cfg, train=replace(tcfg, steps=budget.fix_length(run, clock, budget_probe(run, gan))))
+    run.cfg = replace(cfg, train=replace(tcfg, steps=budget.fix_length(run, clock, budget_probe(run, gan)).steps))
     models, optimizers = dict(generator=G, discriminator=D, ema=ema), dict(g=gan.opt_g, d=gan.opt_d)
     with run.begin(models, optimizers) as step, StopSignals() as signals:  # a signal: checkpoint, then stop
         _loop(run, step, signals, gan, ema)

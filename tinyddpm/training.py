@@ -199,11 +199,24 @@ def train(cfg, out, device, log=say, skip_nonfinite=False):
     torch.manual_seed(tcfg.seed + dist.rank())  # dropout: each process its own masks (the weights are identical)
     with run.memory_guard():
         diffusion, nets = build_diffusion(cfg), make_nets(cfg, model, device, narrow)
-    steps = budget.fix_length(run, clock, budget_probe(run, nets, diffusion))
-    run.cfg = replace(cfg, train=replace(tcfg, steps=steps))
+    length = budget.fix_length(run, clock, budget_probe(run, nets, diffusion))
+    run.cfg = replace(cfg, train=replace(tcfg, steps=length.steps))
+    refit = _refit(run, clock, length, narrow)
     with run.begin(*nets.checkpointed()) as step, StopSignals() as signals:
-        _loop(run, step, signals, nets, diffusion)
+        _loop(run, step, signals, nets, diffusion, refit if step == 0 else None)
     return run
+
+
+def _refit(run, clock, length, narrow):
+    """budget.Refit at the warm-up's last step, when nothing depends on the count before it: the autoguidance
+    snapshot comes after it under both counts. None when the probe's count stays: no new budget, a warm-up too short
+    to time, or a narrow guide network (it trains only in the first guide_at of the steps, so the warm-up's steps
+    cost more than the run's average)."""
+    tcfg, end = run.cfg.train, run.cfg.train.warmup
+    if narrow is not None or not budget.Refit.possible(length, end):
+        return None
+    after_end = lambda steps: (guide_step(replace(tcfg, steps=steps)) or end + 1) > end  # noqa: E731
+    return budget.Refit(run, clock, length, end, after_end) if after_end(tcfg.steps) else None
 
 
 def guide_step(tcfg):
@@ -211,7 +224,7 @@ def guide_step(tcfg):
     return max(1, round(tcfg.guide_at * tcfg.steps)) if tcfg.guide_at > 0 else None
 
 
-def _loop(run, step, signals, nets, diffusion):
+def _loop(run, step, signals, nets, diffusion, refit=None):
     cfg, device, tcfg, guard, data, log = run.cfg, run.device, run.cfg.train, run.guard, run.data, run.log
     keep_at, world, skip_nonfinite = guide_step(tcfg), dist.world_size(), guard.skip
     if step and nets.guide.taken and nets.guide.state["step"] != keep_at:
@@ -250,6 +263,10 @@ def _loop(run, step, signals, nets, diffusion):
             nets.guide.take(nets.ema if nets.narrow is None else nets.narrow.ema, step)
             what = "the narrow guide network's EMA" if nets.narrow else "the EMA weights"
             log(f"kept {what} of step {step} as the autoguidance model")
+        steps = refit.at(step) if refit is not None else None
+        if steps is not None:  # the budget's count, fitted again from this run's own warm-up (budget.Refit)
+            run.cfg = cfg = replace(cfg, train=replace(tcfg, steps=steps))
+            tcfg, keep_at = cfg.train, guide_step(cfg.train)
 
         report, grid, save, stop = run.due(step, signals)
         if report:
