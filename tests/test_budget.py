@@ -177,7 +177,7 @@ def test_a_budgeted_run_fits_its_count_again_after_the_warm_up_and_equals_that_s
     assert given[0] == pytest.approx(0.1) and given[1] > 0 and given[1] != pytest.approx(0.1)
     ck = load_checkpoint(out / "ckpt.pt")
     assert ck["step"] == 40 and ck["run_config"].train.steps == 40 and ck["run_config"].train.minutes == 1
-    assert ck["models"]["guide"]["step"] == 36
+    assert ck["models"]["guide"]["step"] == 36 and '"steps": 40' in (out / "config.json").read_text()
     ref = tmp_path / "ref"
     assert run_script(train, flags(tmp_path, ref, "--steps", "40", *warm), capsys)[0] == 0
     b = load_checkpoint(ref / "ckpt.pt")

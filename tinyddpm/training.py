@@ -267,6 +267,7 @@ def _loop(run, step, signals, nets, diffusion, refit=None):
         if steps is not None:  # the budget's count, fitted again from this run's own warm-up (budget.Refit)
             run.cfg = cfg = replace(cfg, train=replace(tcfg, steps=steps))
             tcfg, keep_at = cfg.train, guide_step(cfg.train)
+            run.folder.write_config(cfg)
 
         report, grid, save, stop = run.due(step, signals)
         if report:
