@@ -168,13 +168,13 @@ def test_a_budgeted_run_fits_its_count_again_after_the_warm_up_and_equals_that_s
     15 left = 40. Nothing before that step depends on the count, so the weights are those of `--steps 40`, and the
     autoguidance snapshot (--guide-at 0.9) is taken at step 36 of the 40."""
     given = counts_from(monkeypatch, 60, 15)
+    monkeypatch.setattr(budget, "seconds_per_call", lambda *a, **k: 10.0)  # a probe far slower than the run
     out, warm = tmp_path / "run", ["--warmup", "25", "--guide-at", "0.9"]
     code, _, err = run_script(train, flags(tmp_path, out, "--minutes", "1", *warm), capsys)
     assert code == 0, err
     assert "time budget: 1 min → 60 steps" in err and "the 20 steps to step 25 took" in err, err
-    assert "(the probe: 0.100) → 40 steps" in err and "step 40/40" in err, err
-    # the probe's 0.1 s (through a float32 all-reduce), then the run's own timing
-    assert given[0] == pytest.approx(0.1) and given[1] > 0 and given[1] != pytest.approx(0.1)
+    assert "(the probe: 10.000); the faster → 40 steps" in err and "step 40/40" in err, err
+    assert given[0] == 10.0 and 0 < given[1] < 10.0  # the probe's 10 s, then the run's own (faster) timing
     ck = load_checkpoint(out / "ckpt.pt")
     assert ck["step"] == 40 and ck["run_config"].train.steps == 40 and ck["run_config"].train.minutes == 1
     assert ck["models"]["guide"]["step"] == 36 and '"steps": 40' in (out / "config.json").read_text()
@@ -186,6 +186,16 @@ def test_a_budgeted_run_fits_its_count_again_after_the_warm_up_and_equals_that_s
             assert torch.equal(v, b["models"][part][k]), (part, k)
     for k, v in ck["models"]["guide"]["weights"].items():
         assert torch.equal(v, b["models"]["guide"]["weights"][k]), k
+
+
+def test_the_refit_takes_the_probe_when_the_probe_was_faster(tmp_path, capsys, monkeypatch, fixed_timing,
+                                                              one_thread):
+    given = counts_from(monkeypatch, 60, 15)
+    monkeypatch.setattr(budget, "seconds_per_call", lambda *a, **k: 1e-6)  # no real step is this fast
+    code, _, err = run_script(train, flags(tmp_path, tmp_path / "r", "--minutes", "1", "--warmup", "25",
+                                           "--guide-at", "0.9"), capsys)
+    assert code == 0 and "(the probe: 0.000); the faster → 40 steps" in err, err
+    assert given == [pytest.approx(1e-6), pytest.approx(1e-6)]
 
 
 def test_the_refit_keeps_the_count_when_the_snapshot_would_move_before_the_warm_up_end(
