@@ -13,9 +13,9 @@ Twenty steps are a few seconds, and a shared machine can be slow for a few secon
 few minutes apart can disagree by a third (docs/recipe.md, fifteenth round). So a diffusion run fixes its count a
 second time from its own steps (Refit): it times its learning-rate warm-up (after RETIME_SKIP untimed steps) and
 fits the count again at the warm-up's last step, from the faster of the two timings (what else runs on the machine
-can only slow a timing down; a process's first minute is often slower too). Nothing depends on the count before that step (the warm-up's rates do not; the decay and
-the autoguidance snapshot come after it), so the run is still exactly a run of `--steps <count>`. The DCGAN keeps
-the probe's count: its instance-noise anneal depends on the count from the first step.
+can only slow a timing down). Nothing depends on the count before that step (the warm-up's rates do not; the decay
+and the autoguidance snapshot come after it), so the run is still exactly a run of `--steps <count>`. The DCGAN
+keeps the probe's count: its instance-noise anneal depends on the count from the first step.
 
 After that the count stays fixed. If a neighbour process slows the machine later, the run keeps its count and takes
 longer than M minutes; if the machine gets faster, it ends early. Resuming never re-times, and a run stopped before
