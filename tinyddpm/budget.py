@@ -12,10 +12,11 @@ checkpoint's config), so a resume finishes the same count and gives the same wei
 Twenty steps are a few seconds, and a shared machine can be slow for a few seconds: probes of the same command a
 few minutes apart can disagree by a third (docs/recipe.md, fifteenth round). So a diffusion run fixes its count a
 second time from its own steps (Refit): it times its learning-rate warm-up (after RETIME_SKIP untimed steps) and
-fits the count again at the warm-up's last step, from the faster of the two timings (what else runs on the machine
-can only slow a timing down). Nothing depends on the count before that step (the warm-up's rates do not; the decay
-and the autoguidance snapshot come after it), so the run is still exactly a run of `--steps <count>`. The DCGAN
-keeps the probe's count: its instance-noise anneal depends on the count from the first step.
+fits the count again at the warm-up's last step from that timing alone: 95 steps of the tiny preset where the run
+trains, against the probe's 20 on copies before it. Nothing depends on the count before that step (the warm-up's
+rates do not; the decay and the autoguidance snapshot come after it), so the run is still exactly a run of
+`--steps <count>`. The DCGAN keeps the probe's count: its instance-noise anneal depends on the count from the first
+step.
 
 After that the count stays fixed. If a neighbour process slows the machine later, the run keeps its count and takes
 longer than M minutes; if the machine gets faster, it ends early. Resuming never re-times, and a run stopped before
@@ -118,8 +119,8 @@ def _fit(tcfg, clock, step_s, grid_s, device, done=0):
 
 
 class Refit:
-    """Fits a new budget's count again at `end` (the warm-up's last step) from the faster of the probe's seconds a
-    step and the run's own over steps RETIME_SKIP … `end`.
+    """Fits a new budget's count again at `end` (the warm-up's last step) from the run's own seconds a step over
+    steps RETIME_SKIP … `end`, which replace the probe's.
 
     at(step) is called after each step and returns the new count at `end`, else None; allowed(count) says whether
     nothing that depends on the count has happened by then (training.py: the autoguidance snapshot)."""
@@ -144,9 +145,9 @@ class Refit:
         own = (time.perf_counter() - self.t0) / (self.end - RETIME_SKIP)
         own = dist.all_reduce_(torch.tensor([own], device=self.run.device), "max").item()
         tcfg = self.run.cfg.train
-        steps = _fit(tcfg, self.clock, min(own, self.length.step_s), self.length.grid_s, self.run.device, done=step)
+        steps = _fit(tcfg, self.clock, own, self.length.grid_s, self.run.device, done=step)
         said = (f"time budget: the {step - RETIME_SKIP} steps to step {step} took {own:.3f} s a step (the probe: "
-                f"{self.length.step_s:.3f}); the faster")
+                f"{self.length.step_s:.3f})")
         if not self.allowed(steps):
             self.run.log(f"{said}; {steps} steps would move the autoguidance snapshot before this step: "
                          f"keeping {tcfg.steps}")
