@@ -12,7 +12,7 @@ import os
 import sys
 
 from tinyddpm.cli import eval_labels, fuse, images, quality
-from tinyddpm.cli.common import RUNS_DIR, checkpoint_path, check_flags
+from tinyddpm.cli.common import RUNS_DIR, checkpoint_path, check_flags, say
 from tinyddpm.constants import SAMPLERS, SPACINGS
 from tinyddpm.errors import ArgumentParser, UserError, run_cli
 from tinyddpm.generate import CLASS_AUTOGUIDANCE, DEFAULT_AUTOGUIDANCE, DEFAULT_BATCH, DEFAULT_N
@@ -50,6 +50,9 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i (0 … 2**63 − 1)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="images per forward pass")
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
+    p.add_argument("--posthoc-ema", type=float, default=None, metavar="SIGMA_REL",
+                   help="use the post-hoc EMA of this relative length instead, rebuilt from the averages that "
+                        "train.py --posthoc-ema stored in the run folder (docs/recipe.md)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--class", dest="classes", nargs="+", default=None, help="class name(s) for a class model")
     p.add_argument("--labels", default=None, help='label set for a multi-label model, e.g. "red cube, blue sphere"')
@@ -90,7 +93,11 @@ def main(argv=None):
         raise UserError(f"--out {args.out} already holds files, and sample.py writes only into a new or empty folder "
                         f"(so nothing there is overwritten); choose another, or drop --out ({DEFAULT_OUT}/, "
                         f"{DEFAULT_OUT}-2/, … are picked for you)")
-    loaded = LoadedModel(checkpoint_path(args), device, use_ema=not args.raw)
+    if args.raw and args.posthoc_ema is not None:
+        raise UserError("--raw and --posthoc-ema choose different weights; pass one of them")
+    loaded = LoadedModel(checkpoint_path(args), device, use_ema=not args.raw, posthoc_ema=args.posthoc_ema)
+    if loaded.weights_note:
+        say(loaded.weights_note)
     check_flags(args, loaded, mode)
     with removed_if_unused(args.out):  # each mode makes --out (files.prepare_output_dir) before its slow work
         return MODES[mode](args, loaded)

@@ -14,6 +14,7 @@ from .constants import MAX_BATCH, MODEL_KINDS, SAMPLERS
 from .diffusion import EDM_LEVELS, OBJECTIVES, TRAIN_LEVELS
 from .errors import UserError
 from .models import check_architecture
+from .posthoc_ema import MAX_SIGMA_REL
 
 # Upper bounds on sizes: far beyond any sensible run, they turn a typo (an extra zero or six) into one line
 # instead of an out-of-memory traceback minutes later.
@@ -123,6 +124,12 @@ class TrainConfig:
     ema_decay: float = field(default=0.9999, metadata=dict(min=0.0, max=1.0, help="EMA decay of the weights"))
     ema_warmup: bool = field(default=True, metadata=dict(
         help="EMA warm-up: decay min(decay, (1+s)/(10+s)), so early samples are not dominated by the init"))
+    posthoc_ema: tuple = field(default=(), metadata=dict(nargs="*", type=float, gt=0.0, lt=MAX_SIGMA_REL, help=(
+        "post-hoc EMA (Karras et al. 2024): track one power-function EMA per relative length σ_rel (EDM2 tracks "
+        "0.05 0.1) and store them in the run's posthoc/, so that sample.py --posthoc-ema S rebuilds the average of "
+        "any length S after training; none: off")))
+    posthoc_every: int = field(default=250, metadata=dict(min=1, help=(
+        "with --posthoc-ema: steps between the stored averages (also stored with every checkpoint)")))
     # < 1: a snapshot of the final weights would be the final model itself, doubling sampling for nothing.
     guide_at: float = field(default=0.0, metadata=dict(min=0.0, lt=1.0, help=(
         "keep the EMA weights after this fraction of --steps as the autoguidance model that sample.py uses by "
@@ -195,6 +202,8 @@ def validate(cfg, where=None):
             raise UserError(f"--preset must be one of {', '.join(PRESETS)} (got {cfg.preset!r})")
         for name in SECTIONS:
             check_values(getattr(cfg, name))
+        if cfg.train.posthoc_ema and cfg.model != "ddpm":
+            raise UserError("--posthoc-ema averages a diffusion model's weights; drop it for --model dcgan")
         if cfg.train.guide_channels and (cfg.model != "ddpm" or not cfg.train.guide_at):
             raise UserError("--guide-channels trains a guide network for autoguidance: it needs a diffusion model "
                             "and --guide-at > 0")

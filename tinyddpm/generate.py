@@ -6,6 +6,7 @@ Image i uses seed `seed + i`, so it is the same image whatever the batch size, a
 one batch at a time: N images need the memory of one batch, not of N. Every mode of sample.py goes through
 `LoadedModel.sample`, which never returns a non-finite image.
 """
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -22,6 +23,7 @@ from .errors import UserError
 from .guidance import autoguided, classifier_free, limited
 from .imageio import to_pixels
 from .models import build_diffusion, build_gan, build_guide, build_unet
+from .posthoc_ema import rebuild
 from .samplers import ImageNoise, SamplerOptions, sample as run_sampler
 
 DEFAULT_N = 64  # images when --n is not given (the modes that make something else say so)
@@ -86,12 +88,15 @@ def _finite_weights(state, what, path):
 class LoadedModel:
     """A checkpoint loaded and ready to sample (diffusion or DCGAN): `.images(seeds, cond, options)` → uint8
     [B, H, W, 3]. `net` is the network that samples (the EMA weights unless use_ema=False), `guide_net` the early
-    snapshot that autoguidance pushes away from (None when the run kept none)."""
+    snapshot that autoguidance pushes away from (None when the run kept none). `posthoc_ema`: a σ_rel, to sample
+    with the post-hoc EMA of that length rebuilt from the run's stored averages (posthoc_ema.rebuild) instead; its
+    fit is described in `.weights_note`."""
 
-    def __init__(self, ckpt_path, device, use_ema=True):
+    def __init__(self, ckpt_path, device, use_ema=True, posthoc_ema=None):
         ckpt = load_checkpoint(ckpt_path)
         self.ckpt, self.cfg, self.labels, self.device = ckpt, ckpt["run_config"], ckpt["labels"], device
         self.kind, self.step, self.path, self.use_ema = ckpt["kind"], ckpt["step"], ckpt_path, use_ema
+        self.posthoc_ema, self.weights_note = posthoc_ema, None
         weights = "ema" if use_ema else ("model" if self.kind == "ddpm" else "generator")
         self.guide_net, self.guide_step, self.diffusion = None, None, None
         try:
@@ -113,6 +118,10 @@ class LoadedModel:
                     self.guide_net.to(device).eval()
             else:
                 self.net, _ = build_gan(self.cfg, self.labels)
+            if posthoc_ema is not None:
+                run_dir = ckpt_path if os.path.isdir(ckpt_path) else os.path.dirname(os.path.abspath(ckpt_path))
+                state, self.weights_note = rebuild(run_dir, posthoc_ema, self.step, self.cfg.train.posthoc_ema,
+                                                   self.net)
             self.net.load_state_dict(state)
         except (KeyError, RuntimeError, TypeError, ValueError, AttributeError, OverflowError) as e:
             raise UserError(f"{ckpt_path}: its weights do not match its own config ({e.__class__.__name__}); "

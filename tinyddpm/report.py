@@ -266,7 +266,7 @@ def run_report(loaded, request, options, out, log=None):
             generate_seconds=gen_seconds,
             seconds=time.perf_counter() - t_row))
     summary = dict(ckpt=os.fspath(loaded.path), model=loaded.kind, step=loaded.step, n=n, seed=options.seed,
-                   **_settings(options, loaded), ema=loaded.use_ema, device=str(loaded.device),
+                   **_settings(options, loaded), ema=loaded.use_ema, posthoc_ema=loaded.posthoc_ema, device=str(loaded.device),
                    inception=model.weights_id, results=results, wall_seconds=time.perf_counter() - t_start)
     atomic_write_bytes(os.path.join(out, "report.json"), (json.dumps(summary, indent=2) + "\n").encode())
     atomic_write_bytes(os.path.join(out, "report.md"), printable(markdown(summary)).encode())
@@ -313,6 +313,8 @@ def markdown(summary):
         + (f", η = {summary['eta']:g}" if summary["sampler"] == "ddim" and summary["eta"] else "")
         + (f", {summary['spacing']} spacing" if summary.get("spacing") not in (None, "uniform") else "")
         + (f", churn {summary['churn']:g}" if summary.get("churn") else "")
+        + (f", post-hoc EMA σ_rel {summary['posthoc_ema']:g}" if summary.get("posthoc_ema") is not None
+           else "" if summary.get("ema", True) else ", raw weights")
         + (f", autoguidance {summary['autoguidance']:g} (step {summary['guide_step']})"
            if summary.get("autoguidance", 1.0) != 1.0 else "")
         + ("" if summary["cfg_scale"] is None else f", w = {summary['cfg_scale']:g}")

@@ -22,6 +22,7 @@ from .errors import UserError
 from .guidance import classifier_free
 from .imageio import make_grid, save_png, to_pixels
 from .models import build_diffusion, build_guide, build_unet, grid_condition
+from .posthoc_ema import PowerEMA, drop_after
 from .runs import Run, say, throughput
 from .samplers import ImageNoise, SamplerOptions, sample
 from .stopping import StopSignals
@@ -79,32 +80,39 @@ def batch_randomness(diffusion, cfg, gen, global_b, device):
 class Nets:
     """What a diffusion step updates: the network (DDP-wrapped under torchrun as `ddp`), its EMA copy, the
     autoguidance snapshot and the optimizer; `narrow`: the narrower guide network trained alongside
-    (--guide-channels) with its own EMA and optimizer, or None (the snapshot is then the main network's EMA)."""
+    (--guide-channels) with its own EMA and optimizer, or None (the snapshot is then the main network's EMA);
+    `posthoc`: the main network's power-function EMAs (--posthoc-ema), or None."""
     model: torch.nn.Module
     ddp: torch.nn.Module
     ema: EMA
     guide: Snapshot
     opt: torch.optim.Optimizer
     narrow: Optional["Nets"] = None
+    posthoc: Optional[PowerEMA] = None
 
     def checkpointed(self):
         """(models, optimizers): what a checkpoint holds, by name."""
         models, optimizers = dict(model=self.model, ema=self.ema, guide=self.guide), dict(opt=self.opt)
+        if self.posthoc is not None:
+            models.update(posthoc=self.posthoc)
         if self.narrow is not None:
             models.update(guide_model=self.narrow.model, guide_ema=self.narrow.ema)
             optimizers.update(guide_opt=self.narrow.opt)
         return models, optimizers
 
 
-def make_nets(cfg, model, device, narrow_model=None):
-    """EMA, an empty snapshot and AdamW (fused on CUDA, foreach on the CPU) around `model`, and the same around
-    `narrow_model` when there is one (the snapshot then holds its EMA's weights)."""
+def make_nets(cfg, model, device, narrow_model=None, posthoc=True):
+    """EMA, an empty snapshot, AdamW (fused on CUDA, foreach on the CPU) and, with --posthoc-ema, the power-function
+    EMAs around `model`; EMA, snapshot and AdamW around `narrow_model` when there is one (the snapshot then holds its
+    EMA's weights)."""
     tcfg = cfg.train
     fused = dict(fused=True) if device.type == "cuda" else dict(foreach=True)
     opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay, **fused)
     nets = Nets(model, dist.wrap(model, device), EMA(model, tcfg.ema_decay, tcfg.ema_warmup), Snapshot(), opt)
     if narrow_model is not None:
-        nets.narrow, nets.guide.of = make_nets(cfg, narrow_model, device), "guide_ema"
+        nets.narrow, nets.guide.of = make_nets(cfg, narrow_model, device, posthoc=False), "guide_ema"
+    if posthoc and tcfg.posthoc_ema:
+        nets.posthoc = PowerEMA(model, tcfg.posthoc_ema)
     return nets
 
 
@@ -161,6 +169,8 @@ def seconds_per_step(cfg, nets, diffusion, data, device):
         for n in (copy, copy.narrow) if narrow else (copy,):
             n.opt.step()
             n.ema.update(n.model, 0)
+        if copy.posthoc is not None:
+            copy.posthoc.update(copy.model, 1)
 
     sync = budget.sync_for(device)
     step_s = budget.seconds_per_call(one_step, sync=sync)
@@ -235,6 +245,8 @@ def _loop(run, step, signals, nets, diffusion, refit=None):
     procs = f" × {world} processes" if world > 1 else ""
     log(f"training {cfg.preset} U-Net ({nparams / 1e6:.2f} M parameters) on {data.images.shape[0]} images "
         f"of {cfg.data.image_size}px, {device.type}{procs}, batch {tcfg.batch_size}, {tcfg.steps} steps → {run.out}")
+    if nets.posthoc is not None and dist.is_main():
+        drop_after(run.out, step)  # stored by a killed run past its checkpoint: this run stores them again
     step_fn = make_step(cfg, nets, diffusion, data, device)
     nets.model.train()
     loss_sum = torch.zeros((), device=device)  # accumulated on the device: no host sync until a report
@@ -253,6 +265,8 @@ def _loop(run, step, signals, nets, diffusion, refit=None):
             for n in trained:
                 n.opt.step()
                 n.ema.update(n.model, step)
+            if nets.posthoc is not None:
+                nets.posthoc.update(nets.model, step + 1)
             loss_sum += loss
             n_updates += 1
         step += 1
@@ -286,6 +300,10 @@ def _loop(run, step, signals, nets, diffusion, refit=None):
                      run.folder.grid_path(step))
         if save:
             run.save(step)
+        if nets.posthoc is not None and (save or step % tcfg.posthoc_every == 0):
+            guard.check(run.folder.ckpt, run.last_saved)  # as run.due: nothing is written after a NaN/Inf step
+            if dist.is_main():
+                nets.posthoc.store(run.out, step)
         if stop:
             run.stop(step, signals)
             break
