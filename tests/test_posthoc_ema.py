@@ -13,8 +13,8 @@ import sample
 import train
 from tests.helpers import MICRO_FLAGS, assert_user_error, make_image_folder, run_script
 from tinyddpm.checkpoint import load_checkpoint
-from tinyddpm.posthoc_ema import (FOLDER, MAX_SIGMA_REL, NAME, PowerEMA, beta, coefficients, gamma_of, overlap,
-                                  rebuild, sigma_rel_of, stored_steps)
+from tinyddpm.posthoc_ema import (FOLDER, MAX_SIGMA_REL, NAME, POOR_FIT, PowerEMA, beta, coefficients, gamma_of,
+                                  overlap, rebuild, sigma_rel_of, stored_steps)
 from tinyddpm.report import markdown
 
 
@@ -72,6 +72,16 @@ def test_a_stored_profile_is_rebuilt_from_itself_alone():
     assert error < 1e-6
     _, error = coefficients(stored, (300, gamma_of(0.2)))
     assert error > 1e-3  # a length that was not stored is only approximated
+
+
+def test_sixteen_stored_steps_fit_the_usual_lengths():
+    steps = 4000
+    stored = [(s, gamma_of(r)) for s in range(steps // 16, steps + 1, steps // 16) for r in (0.05, 0.1)]
+    for sigma in (0.03, 0.07, 0.15, 0.2):
+        assert coefficients(stored, (steps, gamma_of(sigma)))[1] < POOR_FIT, sigma
+    for sigma in (0.02, 0.28):  # far beyond them: flagged
+        assert coefficients(stored, (steps, gamma_of(sigma)))[1] > POOR_FIT, sigma
+    assert coefficients(stored[:-2], (steps, gamma_of(0.05)))[1] > 10 * POOR_FIT  # without the last step: useless
 
 
 def trajectory(steps):
@@ -150,7 +160,8 @@ def test_rebuilding_a_stored_length_gives_its_stored_weights(run):
     state, note = rebuild(str(out), 0.1, 7, (0.05, 0.1), net)
     for k, v in state.items():
         torch.testing.assert_close(v, ckpt["models"]["posthoc"][f"1.{k}"], atol=1e-5, rtol=0)
-    assert "σ_rel 0.1 at step 7" in note and "8 stored averages of 4 steps" in note
+    assert "σ_rel 0.1 at step 7" in note and "8 stored averages of 4 steps" in note and "rough" not in note
+    assert "a rough fit" in rebuild(str(out), 0.28, 7, (0.05, 0.1), net)[1]
 
 
 def test_sample_uses_the_rebuilt_weights_and_reports_them(run, capsys):

@@ -28,6 +28,10 @@ from .files import atomic_torch_save
 MAX_SIGMA_REL = math.sqrt(1.0 / 12.0)
 FOLDER, NAME, PATTERN = "posthoc", "step_{:07d}.pt", re.compile(r"step_(\d{7})\.pt$")
 FORMAT = "tinyddpm-posthoc-ema"
+# A rebuilt profile this far from the wanted one (relative L² error) is flagged in sample.py's line. With EDM2's
+# 0.05 and 0.1 stored 16 times in a run, the last at its last step, lengths from 0.03 to 0.2 fit within it
+# (tests/test_posthoc_ema.py); without the last step, the last 1/16 of the run would be missing from every profile.
+POOR_FIT = 0.05
 
 
 # --- the profiles (float64) ---------------------------------------------------------------------------------------
@@ -175,4 +179,7 @@ def rebuild(run_dir, sigma_rel, step, run_sigma_rels, net):
     state = {k: total[k].to(v.dtype) if k in params else weights[f"0.{k}"] for k, v in net.state_dict().items()}
     what = (f"post-hoc EMA σ_rel {sigma_rel:g} at step {step}: {len(x)} stored averages of {len(files)} steps "
             f"combined, profile fit error {100 * error:.1f} %")
+    if error > POOR_FIT:
+        what += ("; a rough fit: σ_rel far outside the tracked ones, or too few stored steps (train with a smaller "
+                 "--posthoc-every)")
     return state, what
