@@ -152,6 +152,16 @@ def test_training_stores_the_averages_every_n_steps_and_at_each_checkpoint(run):
     assert not torch.equal(a, b) and not torch.equal(a, e)
 
 
+def test_tracking_leaves_the_training_unchanged(run, capsys):
+    tmp, out = run
+    plain = tmp / "untracked"
+    assert run_script(train, flags(tmp, plain, 7), capsys)[0] == 0
+    a, b = load_checkpoint(out / "ckpt.pt")["models"], load_checkpoint(plain / "ckpt.pt")["models"]
+    for part in ("model", "ema"):
+        for k, v in a[part].items():
+            assert torch.equal(v, b[part][k]), (part, k)
+
+
 def test_rebuilding_a_stored_length_gives_its_stored_weights(run):
     _, out = run
     ckpt = load_checkpoint(out / "ckpt.pt")
