@@ -132,17 +132,17 @@ def drop_after(run_dir, step):
 
 
 # --- rebuilding an average after training ------------------------------------------------------------------------
-def _read(path, sigma_rels, like):
-    """The flat weights of one stored file, checked: format, σ_rels of the run, names and shapes of `like`
-    (a PowerEMA's ModuleList over the run's network), finite values. UserError naming the file otherwise."""
+def _read(path, sigma_rels, want):
+    """The flat weights of one stored file, checked: format, σ_rels of the run, the names and shapes of `want`
+    ({"j.<name>": shape}), finite values. UserError naming the file otherwise."""
     try:
         stored = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(stored, dict) or stored.get("format") != FORMAT:
             raise ValueError("not a post-hoc EMA file")
         if [float(s) for s in stored["sigma_rels"]] != list(sigma_rels):
             raise ValueError(f"its σ_rels {stored['sigma_rels']} are not the run's {list(sigma_rels)}")
-        weights, want = stored["weights"], like.state_dict()
-        if set(weights) != set(want) or any(weights[k].shape != v.shape for k, v in want.items()):
+        weights = stored["weights"]
+        if set(weights) != set(want) or any(weights[k].shape != shape for k, shape in want.items()):
             raise ValueError("its weights do not fit the run's network")
         if not all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()):
             raise ValueError("its weights hold NaN or inf")
@@ -168,10 +168,11 @@ def rebuild(run_dir, sigma_rel, step, run_sigma_rels, net):
                         "without --posthoc-ema, or train on to store some")
     gammas = [gamma_of(s) for s in run_sigma_rels]
     x, error = coefficients([(s, g) for s, _ in files for g in gammas], (step, gamma_of(sigma_rel)))
-    like, params = PowerEMA(net, run_sigma_rels).averages, dict(net.named_parameters())
+    params = dict(net.named_parameters())
+    want = {f"{j}.{k}": v.shape for j in range(len(gammas)) for k, v in net.state_dict().items()}  # PowerEMA's names
     total = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in params.items()}
     for i, (_, path) in enumerate(files):
-        weights = _read(path, run_sigma_rels, like)
+        weights = _read(path, run_sigma_rels, want)
         for j in range(len(gammas)):
             for k in total:
                 total[k] += float(x[i * len(gammas) + j]) * weights[f"{j}.{k}"].double()
